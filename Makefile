@@ -34,7 +34,7 @@ bench-quick: venv
 
 # The project's own tests: unit, property, plugin and integration on real packaged models.
 test: venv
-	$(PY) -m pytest tests -p no:cacheprovider -n 2 $(TEST_ARGS)
+	$(PY) -m pytest tests -p no:cacheprovider -n 2 --no-report $(TEST_ARGS)
 
 perf: venv
 	$(PIP) install -e ".[perf]"

@@ -1,0 +1,244 @@
+"""The regression gate: compare this run's verdicts and values with a stored report.
+
+Rows are keyed by (model name, test nodeid, hypothesis id, label). A row is a regression
+when a verdict flips between pass and fail (either way: the baseline must be updated on
+purpose), when a value moves further than the hypothesis' ``tolerance``, or when a
+verdict that existed becomes an error (or its test now fails before checking). Results
+present on one side only, skips and fixed errors are listed but do not fail the gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reports.document import all_checks
+from reports.measure import format_value
+
+Key = tuple[str, str, str, str]  # model ("" when none), nodeid, hypothesis, label
+
+
+@dataclass(frozen=True)
+class Row:
+    status: str  # same moved flip drift error fixed skipped removed added
+    regression: bool
+    model: str | None
+    nodeid: str
+    hypothesis: str
+    label: str
+    old_verdict: str | None
+    new_verdict: str | None
+    old_value: float | None
+    new_value: float | None
+    delta: float | None
+    tolerance: float | None
+    note: str
+
+
+@dataclass
+class Comparison:
+    rows: list[Row] = field(default_factory=list)
+    fingerprint_changes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    old_cells: dict[Key, str] = field(default_factory=dict)  # key -> "pass 0.81 [0.7, 0.9]"
+    new_cells: dict[Key, str] = field(default_factory=dict)
+
+    @property
+    def regressions(self) -> list[Row]:
+        return [row for row in self.rows if row.regression]
+
+    def as_json(self, path: str) -> dict[str, Any]:
+        return {
+            "path": path,
+            "regressions": len(self.regressions),
+            "rows": [asdict(row) for row in self.rows],
+            "fingerprint_changes": self.fingerprint_changes,
+            "notes": self.notes,
+        }
+
+    def format(self, show_same: bool = False) -> str:
+        """A plain-text diff table plus notes and a one-line summary."""
+        lines: list[str] = []
+        for change in self.fingerprint_changes:
+            lines.append(
+                f"model {change['model']!r}: fingerprint changed "
+                f"{', '.join(change['old']) or '-'} -> {', '.join(change['new']) or '-'}"
+            )
+        lines += self.notes
+        shown = [row for row in self.rows if show_same or row.status != "same"]
+        if shown:
+            headers = [
+                "status",
+                "model",
+                "test",
+                "hypothesis",
+                "baseline",
+                "current",
+                "delta",
+                "tolerance",
+                "note",
+            ]
+            body = [
+                [
+                    ("REGRESSION " if row.regression else "") + row.status,
+                    row.model or "-",
+                    row.nodeid,
+                    row.hypothesis + (f" [{row.label}]" if row.label else ""),
+                    self.old_cells.get(_row_key(row), "-"),
+                    self.new_cells.get(_row_key(row), "-"),
+                    "-" if row.delta is None else f"{row.delta:+.4g}",
+                    "-" if row.tolerance is None else f"{row.tolerance:.4g}",
+                    row.note,
+                ]
+                for row in shown
+            ]
+            lines.append(format_table(headers, body))
+        same = sum(row.status == "same" for row in self.rows)
+        lines.append(
+            f"{len(self.regressions)} regression(s), {len(self.rows) - same} difference(s), "
+            f"{same} unchanged result(s)"
+        )
+        return "\n".join(lines)
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
+    """Compare two validated report documents (baseline first)."""
+    old_checks = _index(old)
+    new_checks = _index(new)
+    new_outcomes = {test["nodeid"]: test["outcome"] for test in new["tests"]}
+    result = Comparison()
+    for key in sorted(set(old_checks) | set(new_checks)):
+        before, after = old_checks.get(key), new_checks.get(key)
+        if before is not None:
+            result.old_cells[key] = _cell(before)
+        if after is not None:
+            result.new_cells[key] = _cell(after)
+        result.rows.append(_compare_one(key, before, after, new_outcomes))
+    result.fingerprint_changes = _fingerprint_changes(old, new)
+    result.notes = _registry_notes(old, new)
+    return result
+
+
+def _compare_one(
+    key: Key,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    new_outcomes: dict[str, str],
+) -> Row:
+    model, nodeid, hypothesis, label = key
+    old_v = None if before is None else before["verdict"]
+    new_v = None if after is None else after["verdict"]
+    old_x = None if before is None else before["value"]
+    new_x = None if after is None else after["value"]
+    tol = _tolerance(before, after)
+    delta = new_x - old_x if old_x is not None and new_x is not None else None
+
+    def row(status: str, regression: bool, note: str) -> Row:
+        return Row(
+            status,
+            regression,
+            model or None,
+            nodeid,
+            hypothesis,
+            label,
+            old_v,
+            new_v,
+            old_x,
+            new_x,
+            delta,
+            tol,
+            note,
+        )
+
+    if after is None:
+        outcome = new_outcomes.get(nodeid)
+        if old_v in ("pass", "fail") and outcome in ("failed", "error"):
+            return row("removed", True, f"test now {outcome} without this verdict")
+        where = "test not run" if outcome is None else f"not checked (test {outcome})"
+        return row("removed", False, f"only in baseline; {where}")
+    if before is None:
+        return row("added", False, "only in this run")
+    if new_v == "error" and old_v != "error":
+        regression = old_v in ("pass", "fail")
+        return row("error", regression, f"was {old_v}, now error")
+    if old_v == "error" and new_v != "error":
+        return row("fixed", False, f"was error, now {new_v}")
+    if "skipped" in (old_v, new_v):
+        same = old_v == new_v
+        return row("same" if same else "skipped", False, "" if same else f"{old_v} -> {new_v}")
+    if old_v != new_v:
+        return row("flip", True, f"verdict {old_v} -> {new_v}")
+    if delta is not None and tol is not None and abs(delta) > tol:
+        return row("drift", True, f"|delta| {abs(delta):.4g} > tolerance {tol:.4g}")
+    if delta is not None and delta != 0:
+        return row("moved", False, "within tolerance" if tol is not None else "no tolerance set")
+    if (old_x is None) != (new_x is None):
+        return row("moved", False, "value missing on one side")
+    return row("same", False, "")
+
+
+def _index(doc: dict[str, Any]) -> dict[Key, dict[str, Any]]:
+    index: dict[Key, dict[str, Any]] = {}
+    for test, check in all_checks(doc):
+        key = (check["model"] or "", test["nodeid"], check["hypothesis"], check["label"])
+        index[key] = check
+    return index
+
+
+def _tolerance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:
+    for record in (after, before):
+        if record is not None and record["tolerance"] is not None:
+            return float(record["tolerance"])
+    return None
+
+
+def _cell(check: dict[str, Any]) -> str:
+    return f"{check['verdict']} {format_value(check['value'], check['ci'], check['value_flag'])}"
+
+
+def _row_key(row: Row) -> Key:
+    return (row.model or "", row.nodeid, row.hypothesis, row.label)
+
+
+def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    def by_name(doc: dict[str, Any]) -> dict[str, set[str]]:
+        names: dict[str, set[str]] = {}
+        for model in doc["provenance"]["models"]:
+            names.setdefault(model["name"], set()).add(model["fingerprint"])
+        return names
+
+    before, after = by_name(old), by_name(new)
+    return [
+        {"model": name, "old": sorted(before[name]), "new": sorted(after[name])}
+        for name in sorted(set(before) & set(after))
+        if before[name] != after[name]
+    ]
+
+
+def _registry_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    notes: list[str] = []
+    old_reg, new_reg = old["registry"], new["registry"]
+    if old_reg["registry_version"] != new_reg["registry_version"]:
+        notes.append(
+            f"registry_version {old_reg['registry_version']} -> {new_reg['registry_version']}"
+        )
+    for hid, spec in new_reg["hypotheses"].items():
+        previous = old_reg["hypotheses"].get(hid)
+        if previous is not None and previous["version"] != spec["version"]:
+            notes.append(f"hypothesis {hid}: version {previous['version']} -> {spec['version']}")
+    return notes
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned plain-text columns (control characters shown escaped)."""
+    cells = [[_printable(c) for c in headers]] + [[_printable(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
