@@ -483,6 +483,16 @@ def _cohens_d_cols(a: FloatArray, b: FloatArray) -> FloatArray:
     return np.array([cohens_d(a[:, j], b[:, j]) for j in range(a.shape[1])])
 
 
+def _unit_or_nan(r: FloatArray) -> FloatArray:
+    """Row-normalise; rows with (numerically) zero norm become NaN instead of raising."""
+    norm = np.linalg.norm(r, axis=-1, keepdims=True)
+    scale = np.max(np.abs(r)) if r.size else 0.0
+    tiny = norm <= 1e-9 * max(float(scale), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(tiny, np.nan, r / np.where(tiny, 1.0, norm))
+    return np.asarray(out, dtype=np.float64)
+
+
 def layer_significance(
     train_pos: npt.ArrayLike,
     train_neg: npt.ArrayLike,
@@ -504,20 +514,23 @@ def layer_significance(
         raise ValueError("all inputs must share [L, d]")
     r = mean_diff_per_layer(trp, trn)
     norms = np.linalg.norm(r, axis=1)
-    u = unit(r)
+    # A layer where every prompt has the same activation (e.g. resid_pre of block 0 at the
+    # last token, which is always the same template token) has no direction: NaN row.
+    u = _unit_or_nan(r)
     a_te, b_te = project(tep, u), project(ten, u)
     t, p = _welch_cols(a_te, b_te)
     p_adj = holm(p)
     d_te = _cohens_d_cols(a_te, b_te)
     all_pos = np.concatenate([trp, tep])
     all_neg = np.concatenate([trn, ten])
-    u_all = unit(mean_diff_per_layer(all_pos, all_neg))
+    u_all = _unit_or_nan(mean_diff_per_layer(all_pos, all_neg))
     a_in, b_in = project(all_pos, u_all), project(all_neg, u_all)
     t_in, p_in = _welch_cols(a_in, b_in)
     d_in = _cohens_d_cols(a_in, b_in)
     rows = []
     for layer in range(shape[0]):
-        valid = bool(p_adj[layer] < p_max and abs(d_te[layer]) > abs_d_min)
+        valid = bool(np.isfinite(d_te[layer]) and p_adj[layer] < p_max
+                     and abs(d_te[layer]) > abs_d_min)
         rows.append(
             LayerSignificance(
                 layer=layer,
