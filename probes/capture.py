@@ -19,6 +19,7 @@ after the deepest requested layer. Hooks are removed in ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,6 +168,15 @@ def _length_order(tokenizer: Any, texts: Sequence[str]) -> tuple[list[int], list
     return order, lengths
 
 
+def _selector(positions: Positions, k: int, mask: torch.Tensor) -> Selector:
+    """Which positions of a left-padded ``[batch, pos, d]`` activation to keep."""
+    if positions == "last":
+        return lambda h: h[:, -1, :]  # [batch, d]
+    if positions == "post_instruction":
+        return lambda h: h[:, -k:, :]  # [batch, k, d]
+    return lambda h: h[mask.to(h.device)]  # [tokens, d]
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -205,19 +215,12 @@ def capture(
         idx = order[start : start + batch_size]
         batch = left_pad_batch(tokenizer, [prompts[i] for i in idx], device)
         mask = batch["attention_mask"].bool()
-        if positions == "last":
-            select: Selector = lambda h: h[:, -1, :]  # noqa: E731  [batch, d]
-        elif positions == "post_instruction":
-            select = lambda h: h[:, -k:, :]  # noqa: E731  [batch, k, d]
-        else:
-            mask_cpu = mask
-            select = lambda h: h[mask_cpu.to(h.device)]  # noqa: E731  [tokens, d]
+        select = _selector(positions, k, mask)
+        if positions == "all":
             batch_lengths.append(mask.sum(-1).cpu())
-        with recording(layout, site, chosen, select, stop_after=True) as sinks:
-            try:
-                layout.decoder(**batch, use_cache=False)
-            except _StopForward:
-                pass
+        with (recording(layout, site, chosen, select, stop_after=True) as sinks,
+              contextlib.suppress(_StopForward)):
+            layout.decoder(**batch, use_cache=False)
         for layer in chosen:
             per_layer[layer].extend(sinks[layer])
         done += len(idx)
