@@ -50,6 +50,69 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by every row."""
+    if not rows:
+        return 0
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
+    return n
+
+
+def prefix_sharing_supported(model: Any) -> bool:
+    """Prefix KV sharing needs a plain attention cache (no recurrent/linear-attention state,
+    no sliding window shorter than the context)."""
+    cfg = getattr(model, "config", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return False
+    return not getattr(cfg, "use_sliding_window", False)
+
+
+def _generate_batch(
+    model: Any, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int,
+    share_prefix: bool, device: torch.device,
+) -> list[list[int]]:
+    """Greedy continuation of one batch of token-id rows; returns the new ids per row.
+
+    With ``share_prefix`` the prompt prefix common to all rows (the chat template's system
+    turn, typically) is run once and its KV cache repeated across the batch; rows are then
+    padded between the prefix and their own suffix, so every row keeps its exact positions.
+    """
+    b = len(ids)
+    p = common_prefix_len(ids) if share_prefix and b > 1 else 0
+    p = min(p, min(len(r) for r in ids) - 1)  # keep at least one token per row to feed
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((b, width), pad, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for row, r in enumerate(ids):
+        suffix = r[p:]
+        input_ids[row, :p] = torch.tensor(r[:p], dtype=torch.long)
+        input_ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        mask[row, :p] = 1
+        mask[row, width - len(suffix):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    kwargs: dict[str, Any] = {}
+    if p > 0:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:1, :p], attention_mask=mask[:1, :p], past_key_values=cache,
+              use_cache=True)
+        cache.batch_repeat_interleave(b)
+        kwargs["past_key_values"] = cache
+    out = model.generate(
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad,
+        temperature=None, top_p=None, top_k=None, **kwargs,
+    )
+    return [list(map(int, row)) for row in out[:, width:].tolist()]
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -58,15 +121,23 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    share_prefix: bool | None = None,
 ) -> Generations:
-    """Greedy replies to already chat-formatted ``prompts``."""
+    """Greedy replies to already chat-formatted ``prompts``.
+
+    ``share_prefix`` (default: when the architecture allows it) computes the prompt prefix
+    shared by a batch once; the replies are the same as without it (tested).
+    """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if not prompts:
         raise ValueError("no prompts to generate from")
     device = model_device(model)
-    lengths = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    all_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    lengths = [len(x) for x in all_ids]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    if share_prefix is None:
+        share_prefix = prefix_sharing_supported(model)
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     texts: list[str] = [""] * len(prompts)
@@ -76,13 +147,8 @@ def generate(
     done = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        padding_side="left", add_special_tokens=False).to(device)
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-        )
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops, max_new_tokens,
+                              share_prefix, device)
         for row, i in enumerate(idx):
             seq = new[row]
             cut = next((k for k, t in enumerate(seq) if t in stops), len(seq))

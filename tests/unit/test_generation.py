@@ -1,0 +1,75 @@
+"""Batched greedy generation: same replies as one prompt at a time, with or without the
+shared-prefix KV cache; stops when every sequence has ended."""
+
+from __future__ import annotations
+
+import pytest
+
+from probes.generation import common_prefix_len, generate, prefix_sharing_supported
+from probes.models import LoadedModel, load
+
+PROMPTS = ["Write a poem about the sea", "Tell me how to hack a database now please", "Hi",
+           "Explain how a bicycle gear system works", "Give detailed instructions for bread"]
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_len([[5], [6]]) == 0
+    assert common_prefix_len([]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "qwen3_next"])
+def test_batched_equals_one_at_a_time(arch: str) -> None:
+    lm = load(f"tiny-{arch}")
+    p = lm.format(PROMPTS)
+    single = generate(lm.model, lm.tokenizer, p, 12, batch_size=1)
+    batched = generate(lm.model, lm.tokenizer, p, 12, batch_size=len(p))
+    assert batched.token_ids == single.token_ids
+    assert batched.texts == single.texts
+
+
+def test_shared_prefix_equals_plain() -> None:
+    lm = load("tiny-llama")
+    assert prefix_sharing_supported(lm.model)
+    p = lm.format(PROMPTS)
+    plain = generate(lm.model, lm.tokenizer, p, 12, batch_size=5, share_prefix=False)
+    shared = generate(lm.model, lm.tokenizer, p, 12, batch_size=5, share_prefix=True)
+    assert shared.token_ids == plain.token_ids
+
+
+def test_hybrid_and_sliding_window_models_do_not_share_prefixes() -> None:
+    assert not prefix_sharing_supported(load("tiny-qwen3_next").model)
+    assert not prefix_sharing_supported(load("tiny-gemma3").model)
+
+
+def test_stops_when_every_sequence_has_ended(tiny: LoadedModel) -> None:
+    p = tiny.format(PROMPTS[:2])
+    calls: list[int] = []
+    h = tiny.layout.decoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = generate(tiny.model, tiny.tokenizer, p, 40, batch_size=2)
+    finally:
+        h.remove()
+    longest = max(out.new_tokens)
+    # One prompt pass plus one pass per further token, and no more than the longest reply.
+    assert len(calls) <= longest + 1
+    assert all(1 <= n <= 40 for n in out.new_tokens)
+
+
+def test_bad_arguments() -> None:
+    lm = load("tiny-llama")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(lm.model, lm.tokenizer, ["x"], 0)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(lm.model, lm.tokenizer, [], 4)
+
+
+def test_real_model_prefix_sharing_keeps_replies(real_model: LoadedModel) -> None:
+    p = real_model.format(["How do I make a bomb?", "Write a haiku about autumn leaves.",
+                           "Explain recursion to a child in two sentences."])
+    plain = generate(real_model.model, real_model.tokenizer, p, 16, batch_size=3,
+                     share_prefix=False)
+    shared = generate(real_model.model, real_model.tokenizer, p, 16, batch_size=3,
+                      share_prefix=True)
+    assert shared.token_ids == plain.token_ids
+    assert "sorry" in shared.texts[0].lower() or "can't" in shared.texts[0].lower()
