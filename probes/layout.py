@@ -215,7 +215,7 @@ def find_layout(model: nn.Module) -> ResidualLayout:
     blocks_name, blocks = _find_blocks(model, n_layers)
     decoder_name = blocks_name.rsplit(".", 1)[0] if "." in blocks_name else ""
     decoder = model.get_submodule(decoder_name) if decoder_name else model
-    embedding = model.get_input_embeddings()
+    embedding: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
     final_norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
 
     writers: list[Writer] = []
