@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed-$(shell echo "$(DATA_PACKAGES)" | cat - pyproject.to
 BENCH_ARGS ?=
 TEST_ARGS ?=
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# numpy's BLAS on the many small matrices of the statistics: one thread is faster than two
+# (torch keeps its own thread pool for the model).
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: venv bench bench-quick test test-all perf lint clean-cache
 
@@ -36,9 +39,14 @@ bench-quick: venv
 test: venv
 	$(PY) -m pytest tests -p no:cacheprovider -n 2 --no-report $(TEST_ARGS)
 
+# Timing and memory against the issues' targets and peer tools (see benchmarks/perf.py);
+# PERF_ARGS passes options, e.g. PERF_ARGS="--quick" or PERF_ARGS="--sections all".
 perf: venv
 	$(PIP) install -e ".[perf]"
-	$(PY) -m benchmarks.perf
+	# steering-vectors 0.12.2 declares transformers<5 but runs on 5.x: with its dependencies
+	# pip would replace transformers by 4.57, and inside the extra it cannot resolve at all.
+	$(PIP) install --no-deps "steering-vectors==0.12.2"
+	$(PY) -m benchmarks.perf $(PERF_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,55 +1,318 @@
-"""Per-layer validation of refusal directions (seed 003), on held-out prompts.
+"""Per-layer validation of refusal directions (seed 003), on held-out prompts, at three sites.
 
 The direction r_l = mu_H - mu_B is fitted on the train split (AdvBench vs the project's
-harmless set) and tested on held-out prompts; in-sample figures are reported beside it only
-for comparison with the seed, whose figures were in-sample.
+English harmless set) and tested on held-out prompts: Welch t, Holm-adjusted p over the
+layers analysed, Cohen's d (bootstrap interval over the held-out prompts, direction fixed)
+and AUC. The in-sample d (fit and test on the same prompts, the seed's protocol) is
+reported beside it only for comparison with the seed.
+
+Validity is seed 003's criterion split in two hypotheses, so a layer is valid when both
+hold: LAYER-VALID (held-out d > 0.5, judged on the bootstrap lower bound) and
+LAYER-SIGNIFICANT (Holm-adjusted p < 0.01). One test per (model, layer): a failing layer is
+one failing test.
+
+Layer 0 at ``resid_pre``: the suite captures the last prompt token after the chat template,
+which is the same template token for every prompt, and ``resid_pre`` of block 0 is that
+token's embedding. Every prompt has the same activation there, so no direction exists: the
+layer is reported as an errored layer (value nan, with the reason), never dropped. The seed
+saw d = 2.75 at its layer 0 because its capture differed (no template, or the output of
+block 0); the first layer with information here is the output of block 0 (``resid_pre`` 1).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pytest
 
 from fixtures.workbench import Workbench
-from probes.directions import LayerSignificance, layer_significance
-from probes.stats import cohens_d
+from probes import directions as D
+from probes.capture import Site
+from probes.directions import LayerSignificance
+from probes.stats import (
+    FloatArray,
+    auc_interval,
+    bootstrap_ci,
+    percentile_interval,
+    spearman,
+    wilson_interval,
+)
+
+SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out")
+# Seed 003's bands of depth on its 28-layer model: early 0-10, middle 11-17, late 18-27.
+SEED_BANDS = (("early", 0.0, 11 / 28, "2.8-4.5"), ("middle", 11 / 28, 18 / 28, "4.3-8.8"),
+              ("late", 18 / 28, 1.0 + 1e-9, "7.7-9.1"))
+SEED_PEAK = "layer 18 of 28 (fraction 18/27 = 0.67), d = 9.05, in-sample"
+
+
+@dataclass(frozen=True)
+class SiteAnalysis:
+    """Per-layer significance of the mean-difference direction at one site."""
+
+    site: Site
+    layers: list[int]  # analysed layers (--layers), model indices
+    n_layers: int  # the model's depth
+    rows: list[LayerSignificance]  # one per analysed layer (Holm over these)
+    constant: np.ndarray  # [k] bool: every prompt has the same activation
+    d_boot: FloatArray  # [n_boot, k] held-out d per bootstrap replicate (nan if constant)
+    pos_scores: FloatArray  # [n_pos_test, k] projections of held-out harmful prompts
+    neg_scores: FloatArray  # [n_neg_test, k]
+    n_test: int
+
+    @property
+    def d(self) -> FloatArray:
+        return np.array([r.cohens_d for r in self.rows])
+
+    def d_ci(self, i: int) -> tuple[float, float]:
+        return percentile_interval(self.d_boot[:, i]) if not self.constant[i] else (
+            math.nan, math.nan)
+
+
+def _seed(bench: Workbench, *parts: int) -> int:
+    return int(np.random.SeedSequence([bench.cfg.seed, *parts]).generate_state(1)[0])
+
+
+def _site_acts(bench: Workbench, site: Site) -> tuple[FloatArray, ...]:
+    harm_tr, safe_tr = bench.train_pair()
+    harm_te, safe_te = bench.eval_pair()
+    return tuple(bench.acts(p, site=site, layers=bench.layers).numpy()
+                 for p in (harm_tr, safe_tr, harm_te, safe_te))
 
 
 @cache
-def _table(bench: Workbench) -> list[LayerSignificance]:
-    harm_tr, safe_tr = bench.train_pair()
+def _analysis(bench: Workbench, site: Site = "resid_pre") -> SiteAnalysis:
+    """Computed once per (model, site) and shared by every test of this module."""
+    trp, trn, tep, ten = _site_acts(bench, site)
+    rows = D.layer_significance(trp, trn, tep, ten)
+    constant = D.constant_layers(trp, trn, tep, ten)
+    r = D.mean_diff_per_layer(trp, trn)
+    norm = np.linalg.norm(r, axis=1, keepdims=True)
+    u = np.where(constant[:, None], np.nan, r / np.where(norm == 0.0, 1.0, norm))
+    pos, neg = D.project(tep, u), D.project(ten, u)
+    boot = D.bootstrap_d_profile(pos, neg, n_boot=bench.cfg.n_boot,
+                                 seed=_seed(bench, SITES.index(site)))
+    return SiteAnalysis(site, list(bench.layers), bench.lm.n_layers, rows, constant, boot,
+                        pos, neg, len(tep) + len(ten))
+
+
+@cache
+def _probe_correct(bench: Workbench, site: Site) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out per-prompt correctness [n, k] of a probe fitted per layer (nan if constant)."""
+    trp, trn, tep, ten = _site_acts(bench, site)
+    constant = _analysis(bench, site).constant
+    keep = np.flatnonzero(~constant)
+    bench.progress(f"[layers] probe per layer at {site} ({len(keep)} layers)", force=True)
+    u = D.fit_direction_per_layer("probe", trp[:, keep], trn[:, keep], seed=bench.cfg.seed)
+    cp_k, cn_k = D.heldout_correct(u, trp[:, keep], trn[:, keep], tep[:, keep], ten[:, keep])
+    cp = np.full((len(tep), len(constant)), np.nan)
+    cn = np.full((len(ten), len(constant)), np.nan)
+    cp[:, keep], cn[:, keep] = cp_k, cn_k
+    return cp, cn
+
+
+def _constant_detail(a: SiteAnalysis, layer: int) -> str:
+    why = ("the last prompt token is the chat template's final token, the same for every "
+           "prompt, and resid_pre of block 0 is its embedding"
+           if (a.site, layer) == ("resid_pre", 0) else "the capture does not depend on the prompt")
+    return (f"no direction at {a.site} layer {layer}: every prompt has the same activation "
+            f"({why}), so r_l = 0 and d, t, p are undefined; this capture cannot validate the "
+            "layer")
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+@pytest.mark.claim("LAYER-VALID", "LAYER-SIGNIFICANT")
+def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) -> None:
+    """Seed 003's validity at one layer: held-out d > 0.5 and Holm-adjusted p < 0.01."""
+    a = _analysis(bench)
+    i = a.layers.index(layer)
+    row = a.rows[i]
     harm_te, safe_te = bench.eval_pair()
-    return layer_significance(
-        bench.acts(harm_tr).numpy(), bench.acts(safe_tr).numpy(),
-        bench.acts(harm_te).numpy(), bench.acts(safe_te).numpy(),
+    bench.record_model(measure, *bench.train_pair(), harm_te, safe_te)
+    n = a.n_test
+    if a.constant[i]:
+        detail = _constant_detail(a, layer)
+        measure.metric("constant_activation", 1.0)
+        measure.check("LAYER-VALID", math.nan, n=n, detail=detail, hard=False)
+        measure.check("LAYER-SIGNIFICANT", math.nan, n=n, detail=detail, hard=False)
+        measure.assert_all()
+        return
+    lo, hi = a.d_ci(i)
+    auc_est = auc_interval(a.pos_scores[:, i], a.neg_scores[:, i])
+    measure.metric("cohens_d_heldout", row.cohens_d, ci=(lo, hi), n=n)
+    n_all = n + sum(len(p) for p in bench.train_pair())
+    measure.metric("cohens_d_in_sample", row.cohens_d_in_sample, n=n_all)
+    measure.metric("welch_t", row.t, n=n)
+    measure.metric("p_welch", row.p, n=n)
+    measure.metric("p_holm", row.p_holm, n=n)
+    measure.metric("auc_heldout", auc_est.value, ci=(auc_est.lo, auc_est.hi), n=n)
+    measure.metric("direction_norm", row.norm)
+    measure.check("LAYER-VALID", row.cohens_d, ci=(lo, hi), n=n, hard=False,
+                  detail=f"held-out d {row.cohens_d:.3g} (in-sample {row.cohens_d_in_sample:.3g})"
+                  f", Holm over {len(a.layers)} layers p = {row.p_holm:.3g}")
+    measure.check("LAYER-SIGNIFICANT", row.p_holm, n=n, hard=False,
+                  detail=f"Welch t = {row.t:.3g}, unadjusted p = {row.p:.3g}, Holm over "
+                  f"{len(a.layers)} layers")
+    measure.assert_all()
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _layer_table(a: SiteAnalysis) -> list[list[Any]]:
+    out = []
+    for i, (layer, r) in enumerate(zip(a.layers, a.rows, strict=True)):
+        lo, hi = a.d_ci(i)
+        out.append([layer, r.norm, r.t, r.p, r.p_holm, r.cohens_d, lo, hi,
+                    r.cohens_d_in_sample, r.auc,
+                    "no direction" if a.constant[i] else ("valid" if r.valid else "not valid")])
+    return out
+
+
+@pytest.mark.claim("LAYER-PEAK-LATE")
+def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
+    """Where is held-out separation strongest? Seed 003: layer 18 of 28."""
+    a = _analysis(bench)
+    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
+    d = a.d
+    if np.all(np.isnan(d)):
+        measure.skip("LAYER-PEAK-LATE", "no analysed layer has a direction")
+    depth = max(a.n_layers - 1, 1)
+    layers = np.array(a.layers)
+    peak = int(layers[np.nanargmax(d)])
+    ok = ~np.isnan(a.d_boot).any(axis=0)
+    boot_peaks = layers[ok][np.argmax(a.d_boot[:, ok], axis=1)] / depth
+    lo, hi = percentile_interval(boot_peaks)
+    n_valid = sum(r.valid for r in a.rows)
+    k = len(a.rows)
+    measure.metric("peak_layer", peak)
+    measure.metric("peak_layer_fraction", peak / depth, ci=(lo, hi))
+    measure.metric("peak_cohens_d_heldout", float(np.nanmax(d)))
+    measure.metric("n_valid_layers", n_valid, n=k)
+    measure.metric("valid_layer_fraction", n_valid / k, ci=wilson_interval(n_valid, k), n=k)
+    measure.metric("n_layers_without_direction", int(a.constant.sum()), n=k)
+    measure.table(
+        "per-layer significance (resid_pre, last token; held-out unless marked)",
+        ["layer", "||r_l||", "Welch t", "p", "p Holm", "d", "d lo", "d hi", "d in-sample",
+         "AUC", "validity (p Holm < 0.01, |d| > 0.5)"],
+        _layer_table(a),
     )
+    d_lo = [a.d_ci(i)[0] for i in range(k)]
+    d_hi = [a.d_ci(i)[1] for i in range(k)]
+    measure.plot(
+        "Cohen's d per layer (resid_pre)", "line", x=a.layers,
+        series={"held-out d": d.tolist(),
+                "in-sample d (seed protocol)": [r.cohens_d_in_sample for r in a.rows]},
+        bands={"held-out d": (d_lo, d_hi)},
+        shade=[(depth / 2, depth, "second half of depth")], hlines=[(0.5, "|d| = 0.5")],
+        xlabel="layer", ylabel="Cohen's d", title=f"peak at layer {peak}; seed: {SEED_PEAK}",
+    )
+    measure.check("LAYER-PEAK-LATE", peak / depth, ci=(lo, hi), n=a.n_test,
+                  detail=f"peak at layer {peak} of {a.n_layers} (d = {np.nanmax(d):.3g}); "
+                  f"bootstrap peak fraction [{lo:.2f}, {hi:.2f}]; seed: {SEED_PEAK}")
 
 
-def _d_interval(bench: Workbench, layer: int, n_boot: int) -> tuple[float, float]:
-    """Bootstrap interval of held-out d at one layer (direction fixed from train)."""
-    u = bench.refusal_directions.unit[layer].numpy()
-    harm_te, safe_te = bench.eval_pair()
-    a = bench.acts(harm_te, layers=[layer]).numpy()[:, 0] @ u
-    b = bench.acts(safe_te, layers=[layer]).numpy()[:, 0] @ u
-    rng = np.random.default_rng(bench.cfg.seed + layer)
-    ia = rng.integers(0, len(a), size=(n_boot, len(a)))
-    ib = rng.integers(0, len(b), size=(n_boot, len(b)))
-    ds = np.array([cohens_d(a[i], b[j]) for i, j in zip(ia, ib, strict=True)])
-    lo, hi = np.percentile(ds, [2.5, 97.5])
-    return float(lo), float(hi)
+@pytest.mark.claim("LAYER-GROWTH")
+def test_effect_grows_with_depth(bench: Workbench, measure: Any) -> None:
+    """Seed 003: separation builds up from early to late layers (rho(d, layer) > 0)."""
+    a = _analysis(bench)
+    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
+    ok = ~a.constant
+    if ok.sum() < 3:
+        measure.skip("LAYER-GROWTH", f"only {int(ok.sum())} analysed layers have a direction")
+    layers = np.array(a.layers, dtype=float)
+    rho, p = spearman(layers[ok], a.d[ok])
+    boot = D.profile_spearman(a.d_boot, layers)
+    lo, hi = percentile_interval(boot)
+    measure.metric("spearman_rho_d_layer", rho, ci=(lo, hi), n=int(ok.sum()))
+    measure.metric("spearman_p_d_layer", p, n=int(ok.sum()))
+    rho_in, _ = spearman(layers[ok], np.array([r.cohens_d_in_sample for r in a.rows])[ok])
+    measure.metric("spearman_rho_d_in_sample_layer", rho_in, n=int(ok.sum()))
+    depth = max(a.n_layers - 1, 1)
+    rows = []
+    for name, f0, f1, seed_range in SEED_BANDS:
+        sel = [i for i, lay in enumerate(a.layers) if f0 <= lay / depth < f1 and ok[i]]
+        if not sel:
+            rows.append([name, "-", "-", "-", seed_range])
+            continue
+        dh = a.d[sel]
+        di = np.array([a.rows[i].cohens_d_in_sample for i in sel])
+        rows.append([name, f"{a.layers[sel[0]]}-{a.layers[sel[-1]]}",
+                     f"{dh.min():.2f}-{dh.max():.2f}", f"{di.min():.2f}-{di.max():.2f}",
+                     seed_range])
+        measure.metric(f"mean_d_heldout/{name}", float(dh.mean()),
+                       ci=percentile_interval(a.d_boot[:, sel].mean(axis=1)), n=a.n_test)
+    measure.table("effect size by depth band beside seed 003 (Qwen2.5-1.5B-Instruct, in-sample)",
+                  ["band (seed's depth fractions)", "layers here", "held-out d range",
+                   "in-sample d range", "seed d range"], rows)
+    measure.check("LAYER-GROWTH", rho, ci=(lo, hi), n=int(ok.sum()),
+                  detail=f"Spearman rho over {int(ok.sum())} layers with a direction, interval "
+                  f"from {a.d_boot.shape[0]} bootstrap resamples of the held-out prompts "
+                  f"(direction fixed); in-sample rho {rho_in:.3g}")
 
 
-@pytest.mark.claim("LAYER-VALID")
-def test_layer_direction_is_valid(bench: Workbench, layer: int, measure) -> None:  # type: ignore[no-untyped-def]
-    row = _table(bench)[layer]
-    harm_te, safe_te = bench.eval_pair()
-    bench.record_model(measure, harm_te, safe_te)
-    lo, hi = _d_interval(bench, layer, bench.cfg.n_boot)
-    measure.metric("cohens_d_heldout", row.cohens_d, ci=(lo, hi), n=len(harm_te) + len(safe_te))
-    measure.metric("cohens_d_in_sample", row.cohens_d_in_sample)
-    measure.metric("p_holm", row.p_holm)
-    measure.metric("auc_heldout", row.auc)
-    measure.check("LAYER-VALID", row.cohens_d, ci=(lo, hi), n=len(harm_te) + len(safe_te),
-                  detail=f"Holm-adjusted p = {row.p_holm:.3g}")
+# --------------------------------------------------------------------------- sites
+
+
+@pytest.mark.claim("SITE-ATTN-BEATS-MLP")
+def test_sites_side_by_side(bench: Workbench, measure: Any) -> None:
+    """The same per-layer analysis at resid_pre, attn_out and mlp_out (seed 002: attn_out
+    carried the trait best, 90 % vs 80 %); the claim compares probe accuracy attn vs mlp."""
+    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
+    res = {site: _analysis(bench, site) for site in SITES}
+    acc: dict[str, FloatArray] = {}
+    for site in SITES:
+        cp, cn = _probe_correct(bench, site)
+        acc[site] = np.concatenate([cp, cn]).mean(axis=0)  # [k], nan where constant
+    a0 = res["resid_pre"]
+    rows = []
+    for i, layer in enumerate(a0.layers):
+        row: list[Any] = [layer]
+        for site in SITES:
+            r = res[site].rows[i]
+            row += [r.cohens_d, r.auc, r.p_holm, acc[site][i]]
+        rows.append(row)
+    cols = ["layer"] + [f"{s} {m}" for s in SITES for m in ("d", "AUC", "p Holm", "probe acc")]
+    measure.table("held-out separation per layer and site", cols, rows)
+    for site in SITES:
+        a = res[site]
+        ok = ~a.constant
+        measure.metric(f"{site}/n_valid_layers", sum(r.valid for r in a.rows), n=len(a.rows))
+        measure.metric(f"{site}/mean_cohens_d_heldout", float(np.nanmean(a.d)),
+                       ci=percentile_interval(a.d_boot[:, ok].mean(axis=1)), n=a.n_test)
+        measure.metric(f"{site}/mean_probe_accuracy", float(np.nanmean(acc[site])), n=a.n_test)
+        measure.metric(f"{site}/max_cohens_d_heldout", float(np.nanmax(a.d)))
+    measure.plot("held-out Cohen's d per layer and site", "line", x=a0.layers,
+                 series={s: res[s].d.tolist() for s in SITES}, hlines=[(0.5, "d = 0.5")],
+                 xlabel="layer", ylabel="Cohen's d (held-out)", title="d per layer per site")
+    measure.plot("held-out AUC per layer and site", "line", x=a0.layers,
+                 series={s: [r.auc for r in res[s].rows] for s in SITES},
+                 hlines=[(0.5, "chance")], xlabel="layer", ylabel="AUC (held-out)",
+                 title="AUC per layer per site")
+    measure.plot("held-out probe accuracy per layer and site", "line", x=a0.layers,
+                 series={s: acc[s].tolist() for s in SITES}, hlines=[(0.5, "chance")],
+                 xlabel="layer", ylabel="accuracy (held-out)",
+                 title="probe accuracy per layer per site")
+    # attn_out minus mlp_out probe accuracy, averaged over layers where both have a direction;
+    # bootstrap over held-out prompts, resampled within class, the same prompts for both sites.
+    both = ~np.isnan(acc["attn_out"]) & ~np.isnan(acc["mlp_out"])
+    cpa, cna = _probe_correct(bench, "attn_out")
+    cpm, cnm = _probe_correct(bench, "mlp_out")
+    diff_pos = (cpa[:, both] - cpm[:, both]).mean(axis=1)
+    diff_neg = (cna[:, both] - cnm[:, both]).mean(axis=1)
+    est = bootstrap_ci((diff_pos, diff_neg), _pooled_mean, n_boot=bench.cfg.n_boot,
+                       seed=_seed(bench, 99))
+    measure.check("SITE-ATTN-BEATS-MLP", est.value, ci=(est.lo, est.hi), n=est.n,
+                  detail=f"mean probe accuracy over {int(both.sum())} layers: attn_out "
+                  f"{np.nanmean(acc['attn_out']):.3f}, mlp_out {np.nanmean(acc['mlp_out']):.3f},"
+                  f" resid_pre {np.nanmean(acc['resid_pre']):.3f}; seed 002: 90 % vs 80 %")
+
+
+def _pooled_mean(a: FloatArray, b: FloatArray) -> float:
+    """Mean over all prompts of both classes (accuracy's weighting)."""
+    return float((a.sum() + b.sum()) / (a.size + b.size))

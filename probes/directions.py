@@ -41,7 +41,7 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
-from probes.stats import FloatArray, IntArray, auc, cohens_d, holm
+from probes.stats import BoolArray, FloatArray, IntArray, auc, cohens_d, holm
 
 Method = Literal["mean_diff", "probe", "gradient", "pca_diff", "random"]
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -59,11 +59,15 @@ __all__ = [
     "DirectionEval",
     "LayerSignificance",
     "Method",
+    "bootstrap_d_profile",
+    "cohens_d_columns",
+    "constant_layers",
     "evaluate_direction",
     "evaluate_per_layer",
     "fit_direction",
     "fit_direction_per_layer",
     "gradient_direction",
+    "heldout_correct",
     "layer_seed",
     "layer_significance",
     "ledoit_wolf_shrinkage",
@@ -71,6 +75,7 @@ __all__ = [
     "mean_diff_per_layer",
     "pca_diff_direction",
     "probe_direction",
+    "profile_spearman",
     "project",
     "projection_gap",
     "random_direction",
@@ -480,7 +485,7 @@ def _welch_cols(a: FloatArray, b: FloatArray) -> tuple[FloatArray, FloatArray]:
 
 
 def _cohens_d_cols(a: FloatArray, b: FloatArray) -> FloatArray:
-    return np.array([cohens_d(a[:, j], b[:, j]) for j in range(a.shape[1])])
+    return cohens_d_columns(a, b)
 
 
 def _unit_or_nan(r: FloatArray) -> FloatArray:
@@ -547,3 +552,131 @@ def layer_significance(
             )
         )
     return rows
+
+
+# --------------------------------------------------------------------------- layer profiles
+
+
+def cohens_d_columns(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
+    """:func:`probes.stats.cohens_d` of every column, vectorised.
+
+    ``a`` is [..., n, k] and ``b`` [..., m, k] (rows are prompts, the axis before the
+    last; leading axes, e.g. bootstrap replicates, broadcast); returns [..., k]. Same
+    conventions as ``cohens_d``: ddof=1, pooled SD sqrt((s_a^2 + s_b^2) / 2), ``nan``
+    when a group has < 2 rows or when the pooled SD and the mean difference are both
+    zero (or either is ``nan``), ``±inf`` when only the pooled SD is zero.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim < 2 or y.ndim < 2:
+        raise ValueError(f"need [..., n, k] arrays, got shapes {x.shape} and {y.shape}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"a and b differ in columns: {x.shape[-1]} vs {y.shape[-1]}")
+    out_shape = (*np.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-1])
+    if x.shape[-2] < 2 or y.shape[-2] < 2:
+        return np.full(out_shape, np.nan)
+    diff = x.mean(axis=-2) - y.mean(axis=-2)
+    sd = np.sqrt((x.var(axis=-2, ddof=1) + y.var(axis=-2, ddof=1)) / 2.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = diff / sd
+    zero_sd = sd == 0.0
+    d = np.where(zero_sd & (diff == 0.0), np.nan, d)
+    d = np.where(zero_sd & (diff != 0.0), np.copysign(np.inf, diff), d)
+    return np.asarray(np.broadcast_to(d, out_shape), dtype=np.float64)
+
+
+def constant_layers(*acts: npt.ArrayLike, rtol: float = 1e-6) -> BoolArray:
+    """[L] True where every prompt of all the given [n, L, d] arrays has the same activation.
+
+    Such a layer has no direction at all (every method's fit is undefined). It happens
+    for real: ``resid_pre`` of block 0 at the last prompt token is the embedding of the
+    chat template's final token, the same token for every prompt. "The same" means
+    max_i ||h_i - h_0|| <= rtol * max(||h_0||, 1).
+    """
+    if not acts:
+        raise ValueError("constant_layers needs at least one array")
+    arrays = [_as_3d(a, f"acts[{i}]") for i, a in enumerate(acts)]
+    if any(a.shape[1:] != arrays[0].shape[1:] for a in arrays):
+        raise ValueError("all arrays must share [L, d]")
+    ref = arrays[0][0]  # [L, d]
+    spread = np.max([np.linalg.norm(a - ref, axis=-1).max(axis=0) for a in arrays], axis=0)
+    scale = np.maximum(np.linalg.norm(ref, axis=-1), 1.0)
+    return np.asarray(spread <= rtol * scale, dtype=np.bool_)
+
+
+def bootstrap_d_profile(
+    pos_scores: npt.ArrayLike, neg_scores: npt.ArrayLike, *, n_boot: int, seed: int
+) -> FloatArray:
+    """[n_boot, L] Cohen's d per layer on bootstrap resamples of the prompts.
+
+    ``pos_scores`` [n, L] and ``neg_scores`` [m, L] are projections of fixed
+    directions; each replicate resamples the pos rows and the neg rows independently
+    (with replacement) and uses the same rows at every layer, so a replicate is a
+    whole per-layer profile (for intervals of the peak layer or of a trend).
+    """
+    a = np.asarray(pos_scores, dtype=np.float64)
+    b = np.asarray(neg_scores, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need [n, L] and [m, L] scores, got {a.shape} and {b.shape}")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    ib = rng.integers(0, b.shape[0], size=(n_boot, b.shape[0]))
+    return cohens_d_columns(a[ia], b[ib])
+
+
+def profile_spearman(profiles: npt.ArrayLike, x: npt.ArrayLike | None = None) -> FloatArray:
+    """Spearman correlation of each row of ``profiles`` [B, L] with ``x`` [L] (default 0..L-1).
+
+    Columns where any row is ``nan`` are dropped for all rows (a layer without a
+    value is not a layer of the trend); ``nan`` for a row or ``x`` that is constant
+    after that, or when fewer than 2 columns remain. Average ranks for ties, as
+    ``scipy.stats.spearmanr``.
+    """
+    y = np.asarray(profiles, dtype=np.float64)
+    if y.ndim == 1:
+        y = y[None, :]
+    if y.ndim != 2:
+        raise ValueError(f"profiles must be [B, L], got shape {y.shape}")
+    xs = np.arange(y.shape[1], dtype=np.float64) if x is None else np.asarray(x, np.float64)
+    if xs.shape != (y.shape[1],):
+        raise ValueError(f"x must have {y.shape[1]} values, got shape {xs.shape}")
+    keep = ~np.isnan(y).any(axis=0) & ~np.isnan(xs)
+    if keep.sum() < 2:
+        return np.full(y.shape[0], np.nan)
+    ry = scipy.stats.rankdata(y[:, keep], axis=1)
+    rx = scipy.stats.rankdata(xs[keep])
+    ry = ry - ry.mean(axis=1, keepdims=True)
+    rx = rx - rx.mean()
+    den = np.sqrt((ry * ry).sum(axis=1) * float(rx @ rx))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = (ry @ rx) / den
+    return np.asarray(np.where(den > 0.0, rho, np.nan), dtype=np.float64)
+
+
+def heldout_correct(
+    directions: npt.ArrayLike,
+    train_pos: npt.ArrayLike,
+    train_neg: npt.ArrayLike,
+    test_pos: npt.ArrayLike,
+    test_neg: npt.ArrayLike,
+) -> tuple[BoolArray, BoolArray]:
+    """Per-prompt correctness of [L, d] directions at the train midpoint threshold.
+
+    Activations are [n, L, d]. Returns ([n_test_pos, L], [n_test_neg, L]) booleans:
+    a test pos prompt is correct when its projection is > the midpoint between the
+    train class means, a neg prompt when it is <= (as :func:`evaluate_direction`, whose
+    ``accuracy`` is the mean of both arrays together). Kept per prompt so accuracies
+    of several methods or layers can be bootstrapped over the same prompts.
+    """
+    u = np.asarray(directions, dtype=np.float64)
+    trp, trn = _as_3d(train_pos, "train_pos"), _as_3d(train_neg, "train_neg")
+    tep, ten = _as_3d(test_pos, "test_pos"), _as_3d(test_neg, "test_neg")
+    if u.ndim != 2 or any(a.shape[1:] != u.shape for a in (trp, trn, tep, ten)):
+        raise ValueError("directions must be [L, d] matching the activations' [L, d]")
+    thr = (project(trp, u).mean(axis=0) + project(trn, u).mean(axis=0)) / 2.0
+    return (
+        np.asarray(project(tep, u) > thr, dtype=np.bool_),
+        np.asarray(project(ten, u) <= thr, dtype=np.bool_),
+    )

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 from probes.models import LoadedModel, load
 from probes.tiny import TINY_ARCHS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pin the cache root for this session and every pytester subprocess it starts.
+
+    pytester points HOME at a temporary folder; without this, a subprocess run would convert
+    the embedded model again (about a minute and 2.4 GB) and recapture every activation.
+    """
+    from probes.paths import CACHE_ENV, cache_root
+
+    os.environ.setdefault(CACHE_ENV, str(cache_root()))
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHS)

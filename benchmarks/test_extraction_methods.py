@@ -1,0 +1,263 @@
+"""Extraction methods compared per layer on held-out prompts (seed 002).
+
+mean_diff, probe, gradient, pca_diff and random (SCIENCE.md, "Extraction methods") are
+fitted per layer on the train split (AdvBench vs English harmless, resid_pre, last token)
+and evaluated on the held-out split: accuracy at the midpoint between the train class
+means (the orientation is never flipped), Cohen's d and AUC of the projections, and
+polarity (do held-out harmful prompts project higher than harmless ones?).
+
+Layers where every prompt has the same activation (resid_pre of block 0 at the last
+token, a template token) admit no direction for any method: they are excluded from the
+comparison and named in every test's detail (test_layer_significance reports them as
+errored layers). Accuracies are averaged over the remaining analysed layers; intervals
+come from a bootstrap over held-out prompts (resampled within class, the same prompts for
+every method). The random baseline is one seeded Gaussian direction per layer (as in the
+seed), so wherever it enters, the bootstrap resamples the layers too: its spread comes
+mostly from the draw of the directions, not from the prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fixtures.workbench import Workbench
+from probes import directions as D
+from probes.directions import DirectionEval, Method
+from probes.stats import Estimate, FloatArray, percentile_interval, wilson_interval
+
+FITTED: tuple[Method, ...] = ("mean_diff", "probe", "gradient", "pca_diff")
+ALL: tuple[Method, ...] = (*FITTED, "random")
+# Seed 002's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
+# mean accuracy %, mean effect size, combinations with accuracy < 60 %.
+SEED002: dict[str, tuple[float, float, float, str]] = {
+    "probe": (0.0, 85.9, 2.94, "29/234"),
+    "gradient": (11.5, 81.0, 2.58, "47/234"),
+    "mean_diff": (28.6, 65.7, 1.35, "106/234"),
+    "pca_diff": (46.2, 51.0, 0.72, "161/234"),
+    "random": (55.1, 46.5, 0.79, "184/234"),
+}
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method's held-out evaluation at every analysed layer that has a direction."""
+
+    method: Method
+    layers: list[int]
+    evals: list[DirectionEval]
+    correct_pos: np.ndarray  # [n_pos_test, k] bool
+    correct_neg: np.ndarray  # [n_neg_test, k] bool
+
+    @property
+    def accuracy(self) -> FloatArray:
+        return np.array([e.accuracy for e in self.evals])
+
+    @property
+    def d(self) -> FloatArray:
+        return np.array([e.cohens_d for e in self.evals])
+
+    @property
+    def polarity_failures(self) -> int:
+        return sum(not e.polarity_correct for e in self.evals)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    results: dict[str, MethodResult]
+    excluded: list[int]  # analysed layers without a direction
+    n_test: int
+    n_train: int
+
+
+@cache
+def _compare(bench: Workbench) -> Comparison:
+    """Every method at every analysed layer, computed once per model."""
+    harm_tr, safe_tr = bench.train_pair()
+    harm_te, safe_te = bench.eval_pair()
+    trp, trn, tep, ten = (bench.acts(p, layers=bench.layers).numpy()
+                          for p in (harm_tr, safe_tr, harm_te, safe_te))
+    constant = D.constant_layers(trp, trn, tep, ten)
+    keep = np.flatnonzero(~constant)
+    layers = [bench.layers[i] for i in keep]
+    trp, trn, tep, ten = (a[:, keep] for a in (trp, trn, tep, ten))
+    results: dict[str, MethodResult] = {}
+    for method in ALL:
+        bench.progress(f"[methods] {method}: {len(layers)} layers", force=True)
+        u = D.fit_direction_per_layer(method, trp, trn, seed=bench.cfg.seed)
+        evals = D.evaluate_per_layer(u, trp, trn, tep, ten)
+        cp, cn = D.heldout_correct(u, trp, trn, tep, ten)
+        results[method] = MethodResult(method, layers, evals, cp, cn)
+    excluded = [bench.layers[i] for i in np.flatnonzero(constant)]
+    return Comparison(results, excluded, len(tep) + len(ten), len(trp) + len(trn))
+
+
+def _seed(bench: Workbench, *parts: int) -> int:
+    return int(np.random.SeedSequence([bench.cfg.seed, 2, *parts]).generate_state(1)[0])
+
+
+def accuracy_bootstrap(
+    pos: FloatArray, neg: FloatArray, *, n_boot: int, seed: int, resample_layers: bool
+) -> Estimate:
+    """Mean over held-out prompts and layers of per-prompt, per-layer scores ([n, k], [m, k]:
+    correctness, or a difference of two methods' correctness), with a percentile bootstrap
+    that resamples prompts within class and, if ``resample_layers``, the layers too (for the
+    random baseline, whose directions are a random draw per layer)."""
+    n, k = pos.shape
+    m = neg.shape[0]
+    rng = np.random.default_rng(seed)
+    if resample_layers:
+        weights = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot).T / k  # [k, B]
+    else:
+        weights = np.full((k, n_boot), 1.0 / k)
+    wp, wn = pos @ weights, neg @ weights  # [n, B], [m, B] per-prompt means over layers
+    cols = np.arange(n_boot)[:, None]
+    ip = rng.integers(0, n, size=(n_boot, n))
+    ineg = rng.integers(0, m, size=(n_boot, m))
+    reps = (wp[ip, cols].sum(axis=1) + wn[ineg, cols].sum(axis=1)) / (n + m)
+    lo, hi = percentile_interval(reps)
+    value = float((pos.sum() + neg.sum()) / ((n + m) * k))
+    return Estimate(value, lo, hi, n + m, "bootstrap-percentile")
+
+
+def _mean_accuracy(bench: Workbench, r: MethodResult, tag: int) -> Estimate:
+    return accuracy_bootstrap(r.correct_pos.astype(float), r.correct_neg.astype(float),
+                              n_boot=bench.cfg.n_boot, seed=_seed(bench, tag),
+                              resample_layers=r.method == "random")
+
+
+def _difference(bench: Workbench, a: MethodResult, b: MethodResult, tag: int) -> Estimate:
+    """Mean accuracy of a minus b over layers, bootstrapped over the same held-out prompts
+    (and over layers when either is the random baseline)."""
+    return accuracy_bootstrap(
+        a.correct_pos.astype(float) - b.correct_pos, a.correct_neg.astype(float) - b.correct_neg,
+        n_boot=bench.cfg.n_boot, seed=_seed(bench, tag),
+        resample_layers="random" in (a.method, b.method))
+
+
+def _excluded_note(c: Comparison) -> str:
+    if not c.excluded:
+        return f"{len(next(iter(c.results.values())).layers)} layers"
+    return (f"{len(next(iter(c.results.values())).layers)} layers; excluded (every prompt has "
+            f"the same activation, no direction exists): {c.excluded}")
+
+
+def _setup(bench: Workbench, measure: Any) -> Comparison:
+    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
+    c = _compare(bench)
+    if not next(iter(c.results.values())).layers:
+        pytest.skip("no analysed layer has a direction (every prompt has the same activation)")
+    return c
+
+
+def test_methods_summary(bench: Workbench, measure: Any) -> None:
+    """Seed 002's table (polarity failures / mean accuracy / mean effect size per method) and
+    the method x layer accuracy heatmap, beside the seed's figures."""
+    c = _setup(bench, measure)
+    methods = list(ALL)
+    layers = next(iter(c.results.values())).layers
+    rows = []
+    for tag, m in enumerate(methods):
+        r = c.results[m]
+        k = len(r.layers)
+        acc = _mean_accuracy(bench, r, tag)
+        fails = r.polarity_failures
+        lo, hi = wilson_interval(fails, k)
+        low_acc = int((r.accuracy < 0.6).sum())
+        seed = SEED002[m]
+        rows.append([m, f"{fails}/{k}", 100 * fails / k, f"{seed[0]:.1f}",
+                     100 * acc.value, f"{seed[1]:.1f}", float(np.mean(r.d)),
+                     float(np.mean(np.abs(r.d))), f"{seed[2]:.2f}", f"{low_acc}/{k}", seed[3]])
+        measure.metric(f"{m}/polarity_failure_rate", fails / k, ci=(lo, hi), n=k)
+        measure.metric(f"{m}/mean_accuracy", acc.value, ci=(acc.lo, acc.hi), n=c.n_test)
+        measure.metric(f"{m}/mean_cohens_d", float(np.mean(r.d)), n=c.n_test)
+        measure.metric(f"{m}/mean_abs_cohens_d", float(np.mean(np.abs(r.d))), n=c.n_test)
+        measure.metric(f"{m}/mean_auc", float(np.mean([e.auc for e in r.evals])), n=c.n_test)
+        measure.metric(f"{m}/layers_accuracy_below_60pct", low_acc, n=k)
+    measure.table(
+        "extraction methods on held-out prompts beside seed 002 (Gemma-2-2B-IT, 234 trait x "
+        "layer combinations; the seed's effect size looks like |d|: random's is 0.79)",
+        ["method", "polarity failures", "polarity failures %", "seed %", "mean accuracy %",
+         "seed accuracy %", "mean d", "mean |d|", "seed effect size", "accuracy < 60 %",
+         "seed accuracy < 60 %"],
+        rows,
+    )
+    measure.plot("held-out accuracy, method x layer", "heatmap",
+                 matrix=[c.results[m].accuracy.tolist() for m in methods],
+                 xlabels=[str(x) for x in layers], ylabels=methods, vmin=0.0, vmax=1.0,
+                 annotate=True, clabel="accuracy", xlabel="layer", ylabel="method",
+                 title="held-out accuracy at the train midpoint"
+                 + (f" (no direction, excluded: layers {c.excluded})" if c.excluded else ""))
+    measure.plot("held-out Cohen's d, method x layer", "heatmap",
+                 matrix=[c.results[m].d.tolist() for m in methods],
+                 xlabels=[str(x) for x in layers], ylabels=methods, cmap="RdBu_r",
+                 annotate=True, clabel="Cohen's d", xlabel="layer", ylabel="method",
+                 title="held-out Cohen's d (negative = inverted polarity)")
+    measure.plot("held-out accuracy per layer and method", "line", x=layers,
+                 series={m: c.results[m].accuracy.tolist() for m in methods},
+                 hlines=[(0.5, "chance")], xlabel="layer", ylabel="accuracy (held-out)",
+                 title="accuracy per layer")
+
+
+@pytest.mark.claim("PROBE-NO-POLARITY-FAIL")
+def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
+    c = _setup(bench, measure)
+    r = c.results["probe"]
+    k = len(r.layers)
+    fails = r.polarity_failures
+    bad = [lay for lay, e in zip(r.layers, r.evals, strict=True) if not e.polarity_correct]
+    measure.metric("probe_polarity_failures", fails, n=k)
+    measure.check("PROBE-NO-POLARITY-FAIL", fails / k, ci=wilson_interval(fails, k), n=k,
+                  detail=f"inverted at layers {bad or 'none'} of {_excluded_note(c)}; "
+                  f"seed 002: probe 0/234")
+
+
+@pytest.mark.claim("PROBE-BEATS-MEANDIFF")
+def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
+    c = _setup(bench, measure)
+    probe, md = c.results["probe"], c.results["mean_diff"]
+    est = _difference(bench, probe, md, 10)
+    better = int((probe.accuracy > md.accuracy).sum())
+    worse = int((probe.accuracy < md.accuracy).sum())
+    measure.metric("probe_mean_accuracy", float(probe.accuracy.mean()), n=c.n_test)
+    measure.metric("mean_diff_mean_accuracy", float(md.accuracy.mean()), n=c.n_test)
+    measure.metric("probe_minus_meandiff_accuracy", est.value, ci=(est.lo, est.hi), n=est.n)
+    measure.metric("layers_probe_better", better, n=len(probe.layers))
+    measure.metric("layers_probe_worse", worse, n=len(probe.layers))
+    measure.check("PROBE-BEATS-MEANDIFF", est.value, ci=(est.lo, est.hi), n=est.n,
+                  detail=f"probe {probe.accuracy.mean():.3f} vs mean_diff {md.accuracy.mean():.3f}"
+                  f" mean accuracy over {_excluded_note(c)}; probe better at {better}, worse at "
+                  f"{worse} layers; seed 002: 85.9 % vs 65.7 %")
+
+
+@pytest.mark.claim("RANDOM-NEAR-CHANCE")
+def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
+    c = _setup(bench, measure)
+    r = c.results["random"]
+    est = _mean_accuracy(bench, r, 20)
+    k = len(r.layers)
+    measure.metric("random_polarity_failure_rate", r.polarity_failures / k,
+                   ci=wilson_interval(r.polarity_failures, k), n=k)
+    measure.metric("random_accuracy_min", float(r.accuracy.min()), n=c.n_test)
+    measure.metric("random_accuracy_max", float(r.accuracy.max()), n=c.n_test)
+    measure.check("RANDOM-NEAR-CHANCE", est.value, ci=(est.lo, est.hi), n=est.n,
+                  detail=f"one seeded Gaussian direction per layer, mean accuracy over "
+                  f"{_excluded_note(c)}; per-layer range {r.accuracy.min():.2f}-"
+                  f"{r.accuracy.max():.2f}; seed 002: 46.5 %")
+
+
+@pytest.mark.claim("METHOD-BEATS-RANDOM")
+@pytest.mark.parametrize("method", FITTED)
+def test_method_beats_random(bench: Workbench, method: Method, measure: Any) -> None:
+    c = _setup(bench, measure)
+    r, rand = c.results[method], c.results["random"]
+    est = _difference(bench, r, rand, 30 + FITTED.index(method))
+    measure.metric("method_minus_random_accuracy", est.value, ci=(est.lo, est.hi), n=est.n)
+    measure.check("METHOD-BEATS-RANDOM", est.value, ci=(est.lo, est.hi), n=est.n, label=method,
+                  detail=f"{method} {r.accuracy.mean():.3f} vs random {rand.accuracy.mean():.3f}"
+                  f" mean accuracy over {_excluded_note(c)}; seed 002: "
+                  f"{SEED002[method][1]:.1f} % vs 46.5 %")
