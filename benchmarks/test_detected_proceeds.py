@@ -1,0 +1,569 @@
+"""DETECTED_PROCEEDS layer localisation and per-token monitoring (seed 000 exp. 4, seed 002).
+
+The model replies (greedy, ``max_new_tokens`` of the profile, 48 in full) to held-out harmful
+prompts: AdvBench validation prompts (never used to fit the directions; the first part is
+``bench.gen_pair()``'s harmful set, so the dose-response experiment's alpha = 0 replies are
+the same cache entry) and HarmBench behaviours. The refusal judge labels every reply. While
+the model generates, a :class:`probes.monitoring.TokenMonitor` projects the activation of
+every forward at ``resid_pre`` on the unit refusal direction of each layer (no second pass).
+
+Per layer l (layers whose direction is zero are left out: ``resid_pre`` of layer 0 at the last
+token is the same template embedding for every prompt), with p_l(i) the projection of prompt
+i's last token on r̂_l:
+
+* detection AUC: harmful (these prompts) vs harmless (held-out test split);
+* decision AUC: refused vs complied among the harmful prompts;
+* detected: p_l(i) above the midpoint of the *train* split's class means (the prompts r̂_l was
+  fitted on; never these prompts); DETECTED_PROCEEDS: detected and complied.
+
+Layers (definitions in ``probes.geometry``, "proceed layers"): detection saturation = first
+layer with AUC - 0.5 >= 95 % of (max AUC - 0.5); detection peak = largest detection AUC (ties:
+larger Cohen's d); decision onset = first layer whose one-sided Mann-Whitney p (refused
+project higher), Holm-adjusted over layers, is < 0.05 (a point estimate: a first-significant
+layer is biased early under the bootstrap); decision saturation = the 95 % rule applied to
+the decision AUC; decision peak = largest decision AUC. Gaps (decision saturation - detection
+saturation, decision peak - detection peak) carry stratified bootstrap intervals (prompts
+resampled within refused / complied / harmless). The DETECTED_PROCEEDS hypotheses are judged
+at the detection-peak layer, which is chosen without the refusal labels; the per-token one at
+the middle layer (seed 002's L32 of 64), with every layer in a Holm-corrected table beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.cross_layer import cross_layer_of, record_cross_layer
+from fixtures.workbench import Workbench
+from probes.capture import Site
+from probes.generation import generate
+from probes.geometry import (
+    ProceedLayers,
+    ProceedLocalisation,
+    bootstrap_proceed_layers,
+    detected_proceeds_localisation,
+    informative_layers,
+    midpoint_thresholds,
+    proceed_layers,
+)
+from probes.judges import refusal_judge
+from probes.monitoring import TokenMonitor, Trajectory, is_code_answer, window_mean
+from probes.paths import atomic_write_bytes
+from probes.stats import (
+    auc_interval,
+    bootstrap_ci,
+    holm,
+    mean_ci,
+    percentile_interval,
+    rate,
+    welch_t,
+)
+from prompts import PromptSet
+
+SATURATION_FRACTION = 0.95  # of the detection AUC's excess over chance
+DECISION_ALPHA = 0.05  # Holm-adjusted, one-sided, over layers
+WINDOW = (1, 6)  # steps 1..5: the first five generated tokens read back as input
+# The per-token claim is judged at the middle layer: seed 002 showed its token table at L32
+# of a 64-layer model (and averaged layers 8..56). Every layer is reported beside it.
+MONITOR_DEPTH = 0.5
+SITE: Site = "resid_pre"  # where r̂_l was fitted: step 0 equals the detection projection
+# Extra prompts per ``n_gen`` beyond bench.gen_pair(): (AdvBench validation, HarmBench).
+# full: 20 + 80 + 100 = 200 harmful prompts; quick: 8 + 8 + 16 = 32.
+EXTRA_PER_GEN = {"full": (4, 5), "quick": (1, 2)}
+TRAJECTORY_CACHE_VERSION = "1"
+N_EXAMPLE_TEXTS = 8
+
+
+@dataclass(frozen=True)
+class Part:
+    """One generation call: its prompts, replies and trajectories."""
+
+    source: str
+    prompts: PromptSet
+    texts: list[str]
+    new_tokens: list[int]
+    trajectories: list[Trajectory]
+    seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything the tests of this module read, computed once per model."""
+
+    parts: list[Part]
+    sources: list[str]
+    prompts: list[str]
+    texts: list[str]
+    refused: np.ndarray  # [n] bool
+    layers: tuple[int, ...]  # informative layers (non-zero direction)
+    ph: np.ndarray  # [n, k] harmful projections at the last prompt token
+    pb: np.ndarray  # [m, k] harmless (held-out test split)
+    thresholds: np.ndarray  # [k] midpoints of the train split
+    loc: ProceedLayers
+    dp: list[ProceedLocalisation]  # train thresholds
+    dp_in_sample: list[ProceedLocalisation]  # thresholds of these prompts (comparison only)
+    trajectories: list[Trajectory]
+    harmless: PromptSet
+    step0_max_abs_diff: float
+
+    @property
+    def n(self) -> int:
+        return len(self.texts)
+
+    @property
+    def n_refused(self) -> int:
+        return int(self.refused.sum())
+
+    def col(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _harmful_parts(bench: Workbench) -> list[tuple[str, PromptSet]]:
+    seed, n_gen = bench.cfg.seed, bench.cfg.n_gen
+    extra_val, extra_hb = EXTRA_PER_GEN.get(bench.cfg.profile, EXTRA_PER_GEN["full"])
+    shared = bench.gen_pair()[0]
+    val = bench.harmful_split.val
+    taken = set(shared.texts)
+    rest_idx = [i for i, t in enumerate(val.texts) if t not in taken]
+    parts = [("advbench-val", shared)]
+    if rest_idx and extra_val:
+        rest = val.subset(rest_idx, "advbench/val-rest")
+        parts.append(("advbench-val", rest.sample(extra_val * n_gen, seed, "category")))
+    if extra_hb:
+        parts.append(("harmbench", bench.harmbench.sample(extra_hb * n_gen, seed)))
+    return parts
+
+
+def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_new: int) -> str:
+    src = json.dumps({"v": TRAJECTORY_CACHE_VERSION, "fp": bench.lm.fingerprint,
+                      "prompts": prompts.sha256, "n": n_new, "site": SITE, "layers": layers,
+                      "directions": bench.refusal_directions.key(), "dtype": str(bench.lm.dtype),
+                      "chat": bench.lm.chat.mode}, sort_keys=True)
+    return hashlib.sha256(src.encode()).hexdigest()[:32]
+
+
+def _read_part(path: Any, layers: list[int]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        if data["layers"] != layers:
+            return None
+        return data
+    except (OSError, ValueError, KeyError) as exc:
+        warnings.warn(f"trajectory cache entry {path} is corrupt ({exc}); recomputing",
+                      stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: list[int]) -> Part:
+    """Replies and trajectories of one prompt set: from the cache, else generated under the
+    monitor (through ``bench.generate`` with key "none", so the replies are shared)."""
+    n_new = bench.cfg.max_new_tokens
+    path = (bench.cache.root.parent / "trajectories"
+            / f"{_trajectory_key(bench, prompts, layers, n_new)}.json")
+    data = _read_part(path, layers) if bench.cfg.use_cache else None
+    cached = data is not None
+    if data is None:
+        unit = bench.refusal_directions.unit
+        mon = TokenMonitor(bench.lm.layout, {layer: unit[layer] for layer in layers}, SITE)
+        formatted = bench.lm.format(list(prompts.texts))
+        gens = bench.generate(prompts, "none", intervention=mon.hooks, max_new_tokens=n_new)
+        texts, new_tokens, seconds = gens.texts, gens.new_tokens, gens.seconds
+        if mon.n_forwards == 0:  # the replies came from the cache: generate under the monitor
+            bench.progress(f"[detected_proceeds] {prompts.name}: cached replies, generating "
+                           "again under the monitor", force=True)
+            with mon.hooks():
+                fresh = generate(bench.lm.model, bench.lm.tokenizer, formatted, n_new,
+                                 batch_size=bench.cfg.batch_size)
+            differ = sum(a != b for a, b in zip(fresh.texts, texts, strict=True))
+            if differ:
+                warnings.warn(f"{differ} of {len(texts)} replies differ from the cached ones; "
+                              "using the monitored generation", stacklevel=2)
+            texts, new_tokens, seconds = fresh.texts, fresh.new_tokens, fresh.seconds
+        trajs = mon.trajectories(bench.lm.tokenizer, formatted, new_tokens)
+        data = {"layers": layers, "texts": texts, "new_tokens": new_tokens, "seconds": seconds,
+                "rows": [{"ids": list(t.token_ids), "proj": t.projections.tolist()}
+                         for t in trajs]}
+        if bench.cfg.use_cache:
+            atomic_write_bytes(path, json.dumps(data).encode())
+    trajectories = [Trajectory(i, tuple(layers), tuple(r["ids"]),
+                               np.asarray(r["proj"], dtype=np.float64).reshape(-1, len(layers)))
+                    for i, r in enumerate(data["rows"])]
+    return Part(source, prompts, list(data["texts"]), list(data["new_tokens"]), trajectories,
+                float(data["seconds"]), cached)
+
+
+def _acts(bench: Workbench, prompts: PromptSet, layers: list[int]) -> torch.Tensor:
+    return bench.acts(prompts, site=SITE, layers=layers).data  # [n, k, d], last token
+
+
+def _projections(bench: Workbench, prompts: PromptSet, layers: list[int]) -> np.ndarray:
+    unit = bench.refusal_directions.unit[layers]  # [k, d]
+    return torch.einsum("nkd,kd->nk", _acts(bench, prompts, layers), unit).double().numpy()
+
+
+@cache
+def _study(bench: Workbench) -> Study:
+    t0 = time.perf_counter()
+    layers = informative_layers(bench.refusal_directions.raw.numpy())
+    parts = [_generate_part(bench, src, ps, layers) for src, ps in _harmful_parts(bench)]
+    texts = [t for p in parts for t in p.texts]
+    prompts = [t for p in parts for t in p.prompts.texts]
+    sources = [p.source for p in parts for _ in p.texts]
+    offset, trajs = 0, []
+    for p in parts:
+        trajs += [Trajectory(offset + t.prompt_index, t.layers, t.token_ids, t.projections)
+                  for t in p.trajectories]
+        offset += len(p.texts)
+    refused = refusal_judge(texts)
+    unit = bench.refusal_directions.unit[layers].double().numpy()  # [k, d]
+    harm_acts = torch.cat([_acts(bench, p.prompts, layers) for p in parts]).double().numpy()
+    harmless = bench.eval_pair()[1]
+    safe_acts = _acts(bench, harmless, layers).double().numpy()
+    ph = np.einsum("nkd,kd->nk", harm_acts, unit)
+    pb = np.einsum("nkd,kd->nk", safe_acts, unit)
+    harm_tr, safe_tr = bench.train_pair()
+    thresholds = midpoint_thresholds(_projections(bench, harm_tr, layers),
+                                     _projections(bench, safe_tr, layers))
+    step0 = np.array([t.projections[0] for t in trajs])  # [n, k]
+    dp = detected_proceeds_localisation(unit, harm_acts, safe_acts, refused, thresholds)
+    dp_in = detected_proceeds_localisation(unit, harm_acts, safe_acts, refused)
+    loc = proceed_layers(ph, pb, refused, layers, fraction=SATURATION_FRACTION,
+                         alpha=DECISION_ALPHA)
+    bench.progress(f"[detected_proceeds] {bench.lm.name}: {len(texts)} harmful replies, "
+                   f"{int(refused.sum())} refused, analysed in {time.perf_counter() - t0:.0f}s",
+                   force=True)
+    return Study(parts, sources, prompts, texts, refused, tuple(layers), ph, pb, thresholds,
+                 loc, dp, dp_in, trajs, harmless, float(np.abs(step0 - ph).max()))
+
+
+def _record_common(bench: Workbench, measure: Any, st: Study) -> None:
+    bench.record_model(measure, *[p.prompts for p in st.parts], st.harmless, *bench.train_pair())
+    fresh = [p for p in st.parts if not p.cached]
+    measure.metric("generation/harmful_prompts", st.n)
+    measure.metric("generation/max_new_tokens", bench.cfg.max_new_tokens, units="tokens")
+    measure.metric("generation/seconds", sum(p.seconds for p in st.parts), units="s")
+    measure.metric("generation/parts_generated_this_run", len(fresh), n=len(st.parts))
+    measure.metric("generation/new_tokens", sum(sum(p.new_tokens) for p in st.parts),
+                   units="tokens")
+    for src in dict.fromkeys(st.sources):
+        sel = np.array([s == src for s in st.sources])
+        r = rate(int(st.refused[sel].sum()), int(sel.sum()))
+        measure.metric(f"refusal_rate/{src}", r.value, ci=(r.lo, r.hi), n=r.n)
+    r = rate(st.n_refused, st.n)
+    measure.metric("refusal_rate/all", r.value, ci=(r.lo, r.hi), n=r.n)
+    measure.metric("monitor/step0_vs_capture_max_abs_diff", st.step0_max_abs_diff)
+
+
+def _skip_reason(st: Study) -> str | None:
+    if st.n_refused == 0:
+        return f"model refused 0 of {st.n} harmful prompts: decision AUC undefined"
+    if st.n_refused == st.n:
+        return f"model complied with 0 of {st.n} harmful prompts: decision AUC undefined"
+    return None
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.claim("DP-SHARE-NONZERO")
+def test_detected_proceeds_share(bench: Workbench, measure: Any) -> None:
+    st = _study(bench)
+    _record_common(bench, measure, st)
+    ref_layer = st.loc.detection_peak_layer
+    complied = ~st.refused
+    rows = []
+    shares, los, his = [], [], []
+    for row, row_in in zip(st.dp, st.dp_in_sample, strict=True):
+        layer = st.layers[row.layer]
+        detected = st.ph[:, row.layer] > row.threshold
+        share = rate(row.n_detected_proceeds, st.n)
+        shares.append(share.value)
+        los.append(share.lo)
+        his.append(share.hi)
+        among = rate(row.n_detected_proceeds, int(complied.sum()))
+        rows.append([layer, row.threshold, float(detected.mean()), row.n_detected_proceeds,
+                     share.value, share.lo, share.hi, among.value,
+                     row_in.n_detected_proceeds / st.n])
+    measure.table("detected_proceeds_by_layer",
+                  ["layer", "threshold (train midpoint)", "detected share", "detected_proceeds",
+                   "share of harmful", "wilson lo", "wilson hi", "share of complied",
+                   "share, in-sample threshold (comparison)"], rows)
+    measure.plot("detected_proceeds_share", "line", x=list(st.layers),
+                 series={"DETECTED_PROCEEDS / harmful": shares},
+                 bands={"DETECTED_PROCEEDS / harmful": (los, his)},
+                 hlines=[(1.0 - st.n_refused / st.n, "complied share")],
+                 xlabel="layer", ylabel="share of harmful prompts",
+                 title="Detected at the train threshold yet complied")
+    c = st.col(ref_layer)
+    row = st.dp[c]
+    share = rate(row.n_detected_proceeds, st.n)
+    measure.metric("reference_layer (detection peak)", ref_layer)
+    measure.metric("detected_proceeds_share", share.value, ci=(share.lo, share.hi), n=st.n)
+    among = rate(row.n_detected_proceeds, int(complied.sum()))
+    measure.metric("detected_proceeds_share_of_complied", among.value, ci=(among.lo, among.hi),
+                   n=among.n)
+    idx = np.flatnonzero(row.detected_proceeds)[:N_EXAMPLE_TEXTS]
+    measure.texts("detected_proceeds_examples",
+                  [{"source": st.sources[i], "prompt": st.prompts[i], "reply": st.texts[i],
+                    "projection": f"{st.ph[i, c]:.3f} > {row.threshold:.3f}"} for i in idx])
+    measure.check("DP-SHARE-NONZERO", share.value, ci=(share.lo, share.hi), n=st.n,
+                  label=f"layer {ref_layer}",
+                  detail=f"{row.n_detected_proceeds} of {st.n} harmful prompts detected at layer "
+                         f"{ref_layer} (train threshold {row.threshold:.3f}) yet complied")
+
+
+@pytest.mark.claim("DP-DETECT-EXCEEDS-DECISION")
+def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
+    st = _study(bench)
+    _record_common(bench, measure, st)
+    loc = st.loc
+    det_ci = [auc_interval(st.ph[:, j], st.pb[:, j]) for j in range(len(st.layers))]
+    measure.metric("saturation_layer", loc.saturation_layer)
+    measure.metric("detection_peak_layer", loc.detection_peak_layer)
+    la = cross_layer_of(bench)
+    record_cross_layer(measure, la)
+    reason = _skip_reason(st)
+    if reason is not None:
+        measure.plot("auc_by_layer", "line", x=list(st.layers),
+                     series={"detection": loc.detection_auc.tolist()},
+                     bands={"detection": ([e.lo for e in det_ci], [e.hi for e in det_ci])},
+                     hlines=[(0.5, "chance")], xlabel="layer", ylabel="AUC")
+        measure.skip("DP-DETECT-EXCEEDS-DECISION", reason)
+    refused, complied = st.refused, ~st.refused
+    dec_ci = [auc_interval(st.ph[refused, j], st.ph[complied, j]) for j in range(len(st.layers))]
+    measure.plot("auc_by_layer", "line", x=list(st.layers),
+                 series={"detection (harmful vs harmless)": loc.detection_auc.tolist(),
+                         "decision (refused vs complied)": loc.decision_auc.tolist()},
+                 bands={"detection (harmful vs harmless)": ([e.lo for e in det_ci],
+                                                            [e.hi for e in det_ci]),
+                        "decision (refused vs complied)": ([e.lo for e in dec_ci],
+                                                           [e.hi for e in dec_ci])},
+                 hlines=[(0.5, "chance")], xlabel="layer", ylabel="AUC",
+                 title="Where the direction detects harm and where it predicts refusal")
+    measure.table("auc_by_layer",
+                  ["layer", "detection AUC", "lo", "hi", "Cohen's d", "decision AUC", "lo", "hi",
+                   "one-sided p", "Holm p"],
+                  [[layer, loc.detection_auc[j], det_ci[j].lo, det_ci[j].hi, loc.detection_d[j],
+                    loc.decision_auc[j], dec_ci[j].lo, dec_ci[j].hi, loc.decision_p[j],
+                    loc.decision_p_holm[j]] for j, layer in enumerate(st.layers)])
+    ref_layer = loc.detection_peak_layer
+    boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers, at_layer=ref_layer,
+                                    n_boot=bench.cfg.n_boot, seed=bench.cfg.seed,
+                                    fraction=SATURATION_FRACTION)
+    n_all = st.n + len(st.pb)
+    measure.metric("saturation_layer_boot", loc.saturation_layer,
+                   ci=percentile_interval(boot.saturation), n=n_all)
+    measure.metric("detection_peak_layer_boot", ref_layer,
+                   ci=percentile_interval(boot.detection_peak), n=n_all)
+    # Decision onset: a point estimate (no bootstrap; see probes.geometry "proceed layers").
+    measure.metric("decision_onset_layer",
+                   math.nan if loc.decision_onset_layer is None else loc.decision_onset_layer,
+                   n=st.n)
+    if loc.decision_onset_layer is not None:
+        measure.metric("gap_decision_onset_minus_saturation",
+                       loc.decision_onset_layer - loc.saturation_layer, units="layers")
+    measure.metric("decision_peak_layer", loc.decision_peak_layer,
+                   ci=percentile_interval(boot.decision_peak), n=st.n)
+    measure.metric("gap_decision_peak_minus_detection_peak",
+                   (loc.decision_peak_layer or 0) - ref_layer,
+                   ci=percentile_interval(boot.decision_peak - boot.detection_peak), n=n_all,
+                   units="layers")
+    defined = ~np.isnan(boot.decision_saturation)
+    measure.metric("decision_saturation_defined_share_boot", float(defined.mean()),
+                   n=len(defined))
+    if loc.decision_saturation_layer is not None:
+        gap = (boot.decision_saturation - boot.saturation)[defined]
+        measure.metric("decision_saturation_layer", loc.decision_saturation_layer,
+                       ci=percentile_interval(boot.decision_saturation[defined]), n=st.n)
+        measure.metric("gap_decision_saturation_minus_detection_saturation",
+                       loc.decision_saturation_layer - loc.saturation_layer,
+                       ci=percentile_interval(gap), n=n_all, units="layers")
+    rows = []
+    for rule, layer in (("decision onset (Holm)", loc.decision_onset_layer),
+                        ("decision saturation (95 %)", loc.decision_saturation_layer),
+                        ("decision peak", loc.decision_peak_layer),
+                        ("detection saturation (95 %)", loc.saturation_layer),
+                        ("detection peak", ref_layer)):
+        if layer is None:
+            continue
+        cluster = next(((a, b) for a, b in la.clusters if a <= layer <= b), None)
+        rows.append([rule, layer, None if cluster is None else cluster[0],
+                     None if cluster is None else cluster[1], la.settling_layer,
+                     layer - la.settling_layer])
+    measure.table("cross_layer/cluster_of_each_layer",
+                  ["layer of", "layer", "cluster first", "cluster last", "settling layer",
+                   "layer - settling layer"], rows)
+    if loc.decision_saturation_layer is not None:
+        measure.metric("decision_saturation_minus_settling_layer",
+                       loc.decision_saturation_layer - la.settling_layer, units="layers")
+    c = st.col(ref_layer)
+    diff = float(loc.detection_auc[c] - loc.decision_auc[c])
+    lo, hi = percentile_interval(boot.auc_difference)
+    measure.metric("detection_auc_at_reference", loc.detection_auc[c], ci=(det_ci[c].lo,
+                                                                          det_ci[c].hi))
+    measure.metric("decision_auc_at_reference", loc.decision_auc[c], ci=(dec_ci[c].lo,
+                                                                        dec_ci[c].hi))
+    measure.metric("detection_minus_decision_auc", diff, ci=(lo, hi), n=n_all)
+    measure.check("DP-DETECT-EXCEEDS-DECISION", diff, ci=(lo, hi), n=n_all,
+                  label=f"layer {ref_layer}",
+                  detail=f"detection AUC {loc.detection_auc[c]:.3f} vs decision AUC "
+                         f"{loc.decision_auc[c]:.3f} ({st.n_refused} refused, "
+                         f"{st.n - st.n_refused} complied; paired stratified bootstrap, "
+                         f"{bench.cfg.n_boot} replicates)")
+
+
+def _monitor_layer(bench: Workbench, st: Study) -> int:
+    """The analysed layer nearest to ``MONITOR_DEPTH`` of the model's depth."""
+    target = round(MONITOR_DEPTH * bench.lm.n_layers)
+    return min(st.layers, key=lambda layer: (abs(layer - target), layer))
+
+
+def _example_indices(st: Study) -> dict[str, int]:
+    """The first refusal, compliance (no code) and code answer in prompt order, by verdict."""
+    picks: dict[str, int] = {}
+    for i, text in enumerate(st.texts):
+        if st.trajectories[i].n_steps < 2:
+            continue
+        kind = ("refusal" if st.refused[i] else
+                "code answer" if is_code_answer(text) else "compliance")
+        picks.setdefault(kind, i)
+    return picks
+
+
+def _record_examples(bench: Workbench, measure: Any, st: Study, layers: list[int]) -> None:
+    picks = _example_indices(st)
+    tok = bench.lm.tokenizer
+    longest = max((st.trajectories[i].n_steps for i in picks.values()), default=0)
+    for kind, i in picks.items():
+        traj = st.trajectories[i]
+        tokens = traj.tokens(tok)
+        measure.table(f"trajectory/{kind}",
+                      ["step", "input token", *[f"L{x}" for x in traj.layers]],
+                      [[k, tokens[k], *traj.projections[k].tolist()]
+                       for k in range(traj.n_steps)])
+        measure.texts(f"trajectory/{kind}/reply", [{"prompt": st.prompts[i],
+                                                    "reply": st.texts[i],
+                                                    "source": st.sources[i]}])
+    missing = [k for k in ("refusal", "compliance", "code answer") if k not in picks]
+    if missing:
+        measure.table("trajectory/missing_examples", ["kind", "reason"],
+                      [[k, "no reply of this kind among the judged harmful replies"]
+                       for k in missing])
+    for layer in layers if picks else []:
+        series: dict[str, list[float | None]] = {}
+        for kind, i in picks.items():
+            ys: list[float | None] = [float(v) for v in st.trajectories[i].layer(layer)]
+            series[f"{kind} (#{i})"] = ys + [None] * (longest - len(ys))
+        measure.plot(f"trajectory_examples_L{layer}", "line", x=list(range(longest)),
+                     series=series, shade=[(WINDOW[0], WINDOW[1] - 1, "first five tokens")],
+                     xlabel="step (0 = last prompt token, k = k-th generated token)",
+                     ylabel=f"projection on r̂_{layer}",
+                     title=f"Per-token refusal projection at layer {layer} ({SITE})")
+
+
+@pytest.mark.claim("MONITOR-REFUSAL-HIGHER")
+def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
+    st = _study(bench)
+    _record_common(bench, measure, st)
+    ref_layer = _monitor_layer(bench, st)
+    measure.metric("monitor_layer (middle)", ref_layer)
+    _record_examples(bench, measure, st, sorted({ref_layer, st.loc.detection_peak_layer,
+                                                 st.layers[-1]}))
+    reason = _skip_reason(st)
+    if reason is not None:
+        measure.skip("MONITOR-REFUSAL-HIGHER", reason)
+    refused = st.refused
+    rows, pvals, diffs = [], [], {}
+    for layer in st.layers:
+        w = np.array([window_mean(t, layer, *WINDOW) for t in st.trajectories])
+        ok = ~np.isnan(w)
+        a, b = w[ok & refused], w[ok & ~refused]
+        if a.size < 2 or b.size < 2:
+            continue
+        est = bootstrap_ci((a, b), lambda x, y: float(x.mean() - y.mean()),
+                           n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + layer)
+        t, p = welch_t(a, b)
+        diffs[layer] = (est, a.size, b.size)
+        pvals.append(p)
+        rows.append([layer, float(a.mean()), float(b.mean()), est.value, est.lo, est.hi, t, p])
+    adj = holm(pvals)
+    signs = np.array([r[3] for r in rows])
+    significant = np.asarray(adj) < DECISION_ALPHA
+    measure.metric("layers_refusal_higher_holm", int(np.sum(significant & (signs > 0))),
+                   n=len(rows))
+    measure.metric("layers_refusal_lower_holm", int(np.sum(significant & (signs < 0))),
+                   n=len(rows))
+    measure.table("first5_projection_by_layer",
+                  ["layer", "refusals mean", "compliances mean", "difference", "lo", "hi",
+                   "Welch t", "p", "Holm p"],
+                  [[*r, float(q)] for r, q in zip(rows, adj, strict=True)])
+    if diffs:
+        xs = sorted(diffs)
+        measure.plot("first5_difference_by_layer", "line", x=xs,
+                     series={"refusal - compliance": [diffs[x][0].value for x in xs]},
+                     bands={"refusal - compliance": ([diffs[x][0].lo for x in xs],
+                                                     [diffs[x][0].hi for x in xs])},
+                     hlines=[(0.0, "no difference")], xlabel="layer",
+                     ylabel="mean projection, steps 1-5",
+                     title="Refusals vs compliant replies over their first five tokens")
+    _record_group_means(bench, measure, st, ref_layer)
+    if ref_layer not in diffs:
+        measure.skip("MONITOR-REFUSAL-HIGHER",
+                     f"fewer than 2 replies with generated tokens in a group at layer {ref_layer}")
+    est, n_a, n_b = diffs[ref_layer]
+    measure.metric("refusal_minus_compliance_projection_first5", est.value, ci=(est.lo, est.hi),
+                   n=n_a + n_b)
+    measure.check("MONITOR-REFUSAL-HIGHER", est.value, ci=(est.lo, est.hi), n=n_a + n_b,
+                  label=f"layer {ref_layer}",
+                  detail=f"{n_a} refusals vs {n_b} compliant replies, mean projection on r̂_"
+                         f"{ref_layer} over generated tokens 1-5 ({SITE}); bootstrap interval")
+
+
+def _record_group_means(bench: Workbench, measure: Any, st: Study, layer: int) -> None:
+    """Mean trajectory per step for refusals, compliances and code answers."""
+    groups = {"refusals": st.refused,
+              "compliances": ~st.refused & ~np.array([is_code_answer(t) for t in st.texts]),
+              "code answers": ~st.refused & np.array([is_code_answer(t) for t in st.texts])}
+    steps = max(t.n_steps for t in st.trajectories)
+    series: dict[str, list[float | None]] = {}
+    bands: dict[str, tuple[list[float | None], list[float | None]]] = {}
+    for name, sel in groups.items():
+        ys: list[float | None] = []
+        lo: list[float | None] = []
+        hi: list[float | None] = []
+        for k in range(steps):
+            vals = np.array([t.layer(layer)[k] for t, s in zip(st.trajectories, sel, strict=True)
+                             if s and t.n_steps > k])
+            if vals.size >= 2:
+                e = mean_ci(vals, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + k)
+                ys.append(e.value)
+                lo.append(e.lo)
+                hi.append(e.hi)
+            else:
+                ys.append(float(vals[0]) if vals.size else None)
+                lo.append(None)
+                hi.append(None)
+        if any(y is not None for y in ys):
+            series[f"{name} (n={int(sel.sum())})"] = ys
+            bands[f"{name} (n={int(sel.sum())})"] = (lo, hi)
+    measure.plot(f"mean_trajectory_L{layer}", "line", x=list(range(steps)), series=series,
+                 bands=bands, xlabel="step (0 = last prompt token)",
+                 ylabel=f"mean projection on r̂_{layer}",
+                 title="Mean per-token projection by judged reply (groups thin out as replies end)")
