@@ -1,8 +1,9 @@
 """Per-token monitoring: project every generated token's activation on a direction (seed 002).
 
 The projections are read *during* generation by forward hooks, so monitoring costs no
-second forward pass. ``transformers``' ``generate`` runs one forward over the prompt (the
-prefill, ``[batch, prompt_len, d]`` at every site) and then one forward per new token
+second forward pass. Generation runs the prompt through the model (the prefill,
+``[batch, prompt_len, d]`` at every site; :func:`probes.generation.generate` may first run
+the prefix shared by a batch once, ``[1, prefix_len, d]``) and then one forward per new token
 (``[batch, 1, d]``). At each forward the hooks take the activation at the last position,
 ``[batch, d]``, and project it on the unit direction of each monitored layer. A row's
 trajectory is therefore indexed by *steps*:
@@ -18,9 +19,10 @@ being fed pad tokens until the longest row ends; those steps are cut away. Step 
 ``resid_pre`` of layer l is the same number as a separate capture of ``resid_pre`` at the
 last prompt position (see ``tests/unit/test_monitoring.py``).
 
-Rows are matched to prompts by their (unpadded) prompt token ids, read from the prefill
-call of the decoder, so the monitor does not need to know how ``generate`` sorted and
-batched the prompts.
+Rows are matched to prompts by their token ids: the monitor keeps the ids every decoder
+call fed (and the attention mask), and a row's step 0 is the forward after which its
+unmasked tokens spell a whole prompt. It therefore does not need to know how ``generate``
+sorted, padded and batched the prompts.
 
 Usage::
 
