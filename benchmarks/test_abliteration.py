@@ -406,7 +406,7 @@ def test_abliteration_first_token_kl_is_small(bench: Workbench, measure) -> None
                  title=f"First-token KL on {len(kl)} harmless prompts (L{out.layer} direction)")
     measure.metric("first_token_kl_mean", est.value, ci=(est.lo, est.hi), n=len(kl),
                    units="nats")
-    measure.metric("damage_seconds", out.seconds, units="s")
+    measure.metric("behaviour_seconds", out.seconds, units="s")  # generation + KL + perplexity
     measure.check("ABLITERATION-KL-BOUND", est.value, ci=(est.lo, est.hi), n=len(kl),
                   detail=f"mean over {len(kl)} held-out harmless prompts, bootstrap 95 % "
                          f"interval; edit {out.key}")

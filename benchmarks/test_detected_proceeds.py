@@ -76,6 +76,10 @@ WINDOW = (1, 6)  # steps 1..5: the first five generated tokens read back as inpu
 # The per-token claim is judged at the middle layer: seed 002 showed its token table at L32
 # of a 64-layer model (and averaged layers 8..56). Every layer is reported beside it.
 MONITOR_DEPTH = 0.5
+# Refused and complied groups need this many replies each for the claims that compare them:
+# a percentile bootstrap of a handful of replies cannot show their spread (SmolLM2, which
+# hardly refuses, has 4 judged refusals in 200 replies, 3 soft and 1 judge false positive).
+MIN_GROUP = 10
 SITE: Site = "resid_pre"  # where r̂_l was fitted: step 0 equals the detection projection
 # Extra prompts per ``n_gen`` beyond bench.gen_pair(): (AdvBench validation, HarmBench).
 # full: 20 + 80 + 100 = 200 harmful prompts; quick: 8 + 8 + 16 = 32.
@@ -272,10 +276,16 @@ def _record_common(bench: Workbench, measure: Any, st: Study) -> None:
 
 
 def _skip_reason(st: Study) -> str | None:
+    """Why the refused-vs-complied claims cannot be judged (None: they can)."""
     if st.n_refused == 0:
         return f"model refused 0 of {st.n} harmful prompts: decision AUC undefined"
     if st.n_refused == st.n:
         return f"model complied with 0 of {st.n} harmful prompts: decision AUC undefined"
+    small = min(st.n_refused, st.n - st.n_refused)
+    if small < MIN_GROUP:
+        word = "refused" if st.n_refused == small else "complied with"
+        return (f"model {word} {small} of {st.n} harmful prompts: fewer than {MIN_GROUP} in a "
+                "group, too few for an interval on the decision AUC or the group difference")
     return None
 
 

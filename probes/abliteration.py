@@ -351,10 +351,11 @@ def orthogonalise(
     ``model`` itself is edited permanently and returned). See the module docstring for tied
     embeddings, norm preservation and sandwich-norm models (which warn).
     """
+    layout = find_layout(model)
+    unit = unit_direction(direction, layout.d_model)
+    _warn_if_inexact(layout)
     target = model if inplace else copy.deepcopy(model)
     layout = find_layout(target)
-    _warn_if_inexact(layout)
-    unit = unit_direction(direction, layout.d_model)
     _apply(layout, unit, layers, include_embedding, norm_preserve, target)
     return target
 
@@ -376,8 +377,8 @@ def orthogonalised(
     an exception: the model is bit-identical afterwards, ties included. Pass ``model`` (the
     ``...ForCausalLM``) when the config that declares tied embeddings is not the decoder's.
     """
-    _warn_if_inexact(layout)
     unit = unit_direction(direction, layout.d_model)
+    _warn_if_inexact(layout)
     swaps, tied, info = _apply(layout, unit, layers, include_embedding, norm_preserve, model)
     try:
         yield replace(info, source_layer=source_layer)

@@ -73,9 +73,10 @@ def _check_doses(test: dict[str, Any], units: str) -> None:
     rows = _rows(_table(test, f"doses_{units}"))
     doses = [r for r in rows if r["dose"] != "therapeutic window"]
     names = {(r["side"], r["dose"]) for r in doses}
-    assert names == {("negative", "ED50_jailbreak"), ("positive", "ED50_overrefusal"),
-                     ("negative", "TD50_degeneracy"), ("positive", "TD50_degeneracy"),
-                     ("negative", "coherence_breakdown"), ("positive", "coherence_breakdown")}
+    required = {("negative", "ED50_jailbreak"), ("positive", "ED50_overrefusal"),
+                ("negative", "TD50_degeneracy"), ("positive", "TD50_degeneracy"),
+                ("negative", "coherence_breakdown"), ("positive", "coherence_breakdown")}
+    assert required <= names <= required | {("negative", "ED_jailbreak_half_baseline")}
     for r in doses:
         assert r["status"] in DOSE_STATUSES, r
         if r["status"] == "ok":
