@@ -99,6 +99,12 @@ class Settings:
                    matmul_repeats=5, cold_load=cold_load is not False, memory=memory)
 
 
+def perf_dtype() -> str:
+    from benchmarks.perf_work import perf_dtype as dtype
+
+    return dtype()
+
+
 class Progress:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
@@ -147,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-load", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the cold (GGUF) load (default: on, off with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="dtype of every model and of the matmul roofline (default bfloat16, "
+                        "the benchmark suite's default)")
     return p
 
 
@@ -247,12 +256,13 @@ class Run:
             for size in self.s.matmul_sizes:
                 rates = matmul_gflops(size, self.s.matmul_repeats)
                 per_size[str(size)] = {"samples": rates, "median": median(rates)}
-                self.progress(f"  fp32 matmul {size}^2: {median(rates):.1f} GFLOP/s")
+                self.progress(f"  {perf_dtype()} matmul {size}^2: {median(rates):.1f} GFLOP/s")
             best = max(per_size, key=lambda k: per_size[k]["median"])
             self.roofline = {"gflops": per_size[best]["median"], "best_size": int(best),
                              "per_size": per_size, "repeats": self.s.matmul_repeats,
                              "definition": "median over repeats of 2 n^3 / t for torch.matmul "
-                                           "of two fp32 n x n matrices; the best size counts"}
+                                           f"of two {perf_dtype()} n x n matrices; the best size "
+                                           "counts"}
         return self.roofline
 
     # -- one model ---------------------------------------------------------------------
@@ -267,7 +277,7 @@ class Run:
         if "load" in self.sections:
             lm = self.section_load(spec, report)
         if lm is None:
-            lm = load(spec)
+            lm = load(spec, dtype=perf_dtype())
         n_params = sum(t.numel() for t in lm.model.parameters())
         report.info = {
             "name": lm.name, "display_name": lm.info.get("display_name", lm.name),
@@ -345,13 +355,13 @@ class Run:
                 report.add(Figure("load.cold_s", "load", "load cold (GGUF -> safetensors)",
                                   None, "s", status="error", note=res.get("error", "")))
         p("  warm loads (safetensors cache)")
-        lm = load(spec)  # converts once if the cache is empty; not timed
+        lm = load(spec, dtype=perf_dtype())  # converts once if the cache is empty; not timed
         samples = []
         for i in range(self.s.load_repeats):
             del lm
             gc.collect()
             t0 = time.perf_counter()
-            lm = load(spec)
+            lm = load(spec, dtype=perf_dtype())
             samples.append(time.perf_counter() - t0)
             p(f"  warm load {i + 1}/{self.s.load_repeats}: {samples[-1]:.2f}s")
         report.add(Figure("load.warm_s", "load", "load warm (safetensors cache)",
@@ -426,7 +436,7 @@ class Run:
         bound = roof["gflops"] * 1e9 / flops
         report.add(Figure("gen.flops_per_token", "generation", "model FLOPs per token",
                           flops / 1e9, "GFLOP", note="2 x parameters incl. lm_head"))
-        report.add(Figure("gen.matmul_gflops", "generation", "fp32 matmul (machine)",
+        report.add(Figure("gen.matmul_gflops", "generation", f"{perf_dtype()} matmul (machine)",
                           roof["gflops"], "GFLOP/s",
                           samples=roof["per_size"][str(roof["best_size"])]["samples"],
                           note=f"torch.matmul {roof['best_size']}^2, median"))
@@ -715,6 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    from benchmarks.perf_work import DTYPE_ENV
+    from probes.models import parse_dtype
+
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
+    os.environ[DTYPE_ENV] = args.dtype  # child processes load in the same dtype
 
     from benchmarks.perf_report import machine_info, now_iso, render_table, target_text
     from benchmarks.perf_work import max_rss_bytes

@@ -35,6 +35,7 @@ from benchmarks.perf_work import (
     Unavailable,
     Workloads,
     max_rss_bytes,
+    perf_dtype,
     rss_bytes,
 )
 
@@ -46,7 +47,7 @@ def _load_cold(spec: str) -> dict[str, Any]:
         base = rss_bytes()
         with RssSampler() as sampler:
             t0 = time.perf_counter()
-            lm = load(spec, cache_dir=tmp)
+            lm = load(spec, cache_dir=tmp, dtype=perf_dtype())
             seconds = time.perf_counter() - t0
         out = {"seconds": seconds, "baseline_rss_bytes": base,
                "work_peak_rss_bytes": sampler.peak, "source": lm.source}
@@ -62,7 +63,7 @@ def _issue2_process(spec: str, inputs: Inputs) -> dict[str, Any]:
     base = rss_bytes()
     with RssSampler() as sampler:
         t0 = time.perf_counter()
-        lm = load(spec)
+        lm = load(spec, dtype=perf_dtype())
         t_load = time.perf_counter() - t0
         w = Workloads(lm, inputs)
         prompts = w.acts_prompts()
@@ -88,7 +89,7 @@ def _issue2_process(spec: str, inputs: Inputs) -> dict[str, Any]:
 def _task(spec: str, task: str, inputs: Inputs) -> dict[str, Any]:
     from probes.models import load
 
-    lm = load(spec)
+    lm = load(spec, dtype=perf_dtype())
     w = Workloads(lm, inputs)
     if task == "acts.tl":
         w.tl_bridge(lm.model)  # in its own process the bridge may take the model itself

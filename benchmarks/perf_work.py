@@ -548,12 +548,23 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+DTYPE_ENV = "REFUSALBENCH_PERF_DTYPE"
+
+
+def perf_dtype() -> str:
+    """The dtype every model of the run is loaded in (``--dtype``; children inherit it)."""
+    return os.environ.get(DTYPE_ENV, "bfloat16")
+
+
 def matmul_gflops(size: int, repeats: int) -> list[float]:
-    """fp32 ``torch.matmul`` of two ``size``-square matrices, GFLOP/s per repeat."""
+    """``torch.matmul`` of two ``size``-square matrices in the run's dtype, GFLOP/s per repeat."""
+    from probes.models import parse_dtype
+
+    dt = parse_dtype(perf_dtype())
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen)
-    b = torch.randn(size, size, generator=gen)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=gen).to(dt)
+    b = torch.randn(size, size, generator=gen).to(dt)
+    out = torch.empty(size, size, dtype=dt)
     torch.matmul(a, b, out=out)  # warm-up
     rates = []
     for _ in range(repeats):

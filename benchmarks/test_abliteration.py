@@ -146,8 +146,9 @@ def _selection(bench: Workbench) -> Selection:
                           "safe": sweep_sets[1].sha256, "always": tied}, run_sweep))
     # AUC ties (saturation at 1.0) are broken by the bypass score on validation prompts.
     auc_layer = select_by_auc(aucs, sweep.bypass)
-    bench.progress(f"[abliteration] AUC pick L{auc_layer}, Arditi pick L{sweep.selected}",
-                   force=True)
+    arditi = ("none (its filters discard every layer)" if sweep.selected is None
+              else f"L{sweep.selected}")
+    bench.progress(f"[abliteration] AUC pick L{auc_layer}, Arditi pick {arditi}", force=True)
     return Selection(raw, aucs, auc_layer, sweep, train, val, sweep_sets, tied,
                      time.perf_counter() - t0)
 
@@ -289,7 +290,8 @@ def _record_selection(bench: Workbench, measure: Any, sel: Selection) -> None:
         shade=[(sw.prune_from - 0.5, bench.lm.n_layers - 0.5, "pruned (last 20 %)")],
         xlabel="layer of the direction r_l", ylabel="mean refusal logit score (log-odds)",
         title=f"Refusal vs direction layer (AUC pick L{sel.auc_layer}, Arditi pick "
-              f"L{sw.selected}; {len(sel.sweep_sets[0])} + {len(sel.sweep_sets[1])} val prompts)")
+              f"{'none' if sw.selected is None else f'L{sw.selected}'}; "
+              f"{len(sel.sweep_sets[0])} + {len(sel.sweep_sets[1])} val prompts)")
     measure.plot(
         "heldout_auc_vs_layer", "line", x=layers,
         series={"AUC": [a.auc.value for a in sel.aucs]},

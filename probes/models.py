@@ -317,6 +317,35 @@ def _dir_fingerprint(path: Path, config: Any, cache_dir: Path) -> str:
     return hashlib.sha256(f"dir:{weights}:{_config_digest(config)}".encode()).hexdigest()
 
 
+def _contiguous_head_input(model: nn.Module) -> None:
+    """Make the output head read a contiguous input.
+
+    ``transformers`` slices the last positions (``logits_to_keep``) before the head; in
+    bfloat16 on CPU, ``F.linear`` on that strided 3-D view falls back to a batched matmul
+    that copies the whole vocabulary matrix once per row (about 17 s for 8 rows of the
+    embedded model, against milliseconds). A contiguous copy of the few kept positions costs
+    nothing. The patch replaces ``forward`` on the instance only: weights, hooks, tied
+    embeddings and ``save_pretrained`` are untouched.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or "forward" in vars(head):
+        return
+    plain = head.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return plain(x.contiguous())
+
+    head.forward = forward  # type: ignore[method-assign]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _finish(
     name: str, spec: str, model: nn.Module, tok: Any, fingerprint: str, provider: str | None,
     refuses: bool | None, source: str, dtype: torch.dtype, t0: float, chat_template: TemplateMode,
@@ -325,6 +354,7 @@ def _finish(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    _contiguous_head_input(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

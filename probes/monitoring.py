@@ -190,9 +190,9 @@ class TokenMonitor:
         if not self.segments or not self.segments[-1].calls:
             return  # a block called outside the decoder's forward: nothing to attach it to
         h = hidden[:, -1, :]  # [batch, d]
-        u = self._dirs[layer].to(h.device, h.dtype)
-        self.segments[-1].calls[-1].projections[layer] = (h @ u).detach().to("cpu",
-                                                                             torch.float64)
+        u = self._dirs[layer].to(h.device, torch.float32)  # projections in fp32 at any dtype
+        self.segments[-1].calls[-1].projections[layer] = (h.float() @ u).detach().to(
+            "cpu", torch.float64)
 
     def _post_hook(self, layer: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:

@@ -131,3 +131,30 @@ def test_registry_model_loads_from_cache_and_refuses(real_model: models.LoadedMo
 def test_smollm2_loads(smol_model: models.LoadedModel) -> None:
     assert smol_model.n_layers == 30 and smol_model.layout.d_model == 576
     assert smol_model.provider == "Hugging Face"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_output_head_reads_a_contiguous_input(arch: str, tmp_path: Path) -> None:
+    """The head patch (bfloat16 on CPU is pathologically slow on strided inputs) changes no
+    logit, is applied once, and leaves the saved model a plain ``transformers`` model."""
+    lm = load(f"tiny-{arch}", dtype="bfloat16")
+    head = lm.model.get_output_embeddings()
+    assert "forward" in vars(head)
+    patched = head.forward
+    models._contiguous_head_input(lm.model)
+    assert head.forward is patched  # idempotent
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.inference_mode():
+        full = lm.model(input_ids=ids).logits[:, -2:]
+        kept = lm.model(input_ids=ids, logits_to_keep=2).logits
+        strided = torch.randn(3, 7, head.in_features, dtype=torch.bfloat16)[:, -2:, :]
+        assert not strided.is_contiguous()
+        assert torch.equal(head(strided), torch.nn.functional.linear(
+            strided.contiguous(), head.weight, head.bias))
+    torch.testing.assert_close(kept, full)
+    lm.model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").is_file()
+
+
+def test_native_bf16_probe_answers_a_bool() -> None:
+    assert isinstance(models.native_bf16(), bool)
