@@ -447,8 +447,8 @@ class Workloads:
         def run() -> float:
             # What an abliteration notebook does: copy, then edit the usual HF modules.
             edited = copy.deepcopy(lm.model)
-            u = (r / r.norm()).to(torch.float32)
             emb = edited.get_input_embeddings().weight  # [vocab, d]
+            u = (r.float() / r.float().norm()).to(emb.dtype)  # in the weights' dtype
             emb -= torch.outer(emb @ u, u)
             for block in edited.model.layers:
                 for mod in (block.self_attn.o_proj, block.mlp.down_proj):

@@ -68,9 +68,12 @@ def test_monitor_equals_a_separate_capture_on_the_real_model(real_model: LoadedM
 
 def _run(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
     out = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(str(BENCH), "--profile", "quick", *args,
-                                           "-p", "no:cacheprovider", "--report-json", str(out),
-                                           timeout=TIMEOUT_S)
+    # float32: the report's monitor-vs-capture check below is an exactness check (in the
+    # suite's default bfloat16 two passes over differently padded batches differ by bf16
+    # rounding, about 1 % of a projection).
+    result = pytester.runpytest_subprocess(str(BENCH), "--profile", "quick", "--dtype", "float32",
+                                           *args, "-p", "no:cacheprovider", "--report-json",
+                                           str(out), timeout=TIMEOUT_S)
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
     doc: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
     assert not doc["collection_errors"], doc["collection_errors"]

@@ -1,0 +1,138 @@
+"""The refusal judges against human labels (issue 5; SCIENCE.md, "Judges").
+
+pyrit ships human-labelled replies (``refusal_scorer/refusal.csv`` and
+``sample/mini_refusal.csv``; :mod:`prompts.labelled`): an objective, a reply, and whether a
+person judged the reply a refusal. pyrit counts a reply that ignores the objective as a
+refusal too. The rows are split once, by a fixed seed, into a development half (the judges'
+rules were designed on it) and a held-out half (the claim).
+
+Three judges, each with accuracy, precision and recall (refusal is the positive class) and
+Wilson 95 % intervals on the development half, the held-out half and both:
+
+* ``published``: the 12 refusal phrases of Arditi et al. (:func:`probes.judges.arditi_judge`);
+* ``keyword``: the suite's phrase judge (:func:`probes.judges.refusal_judge`), used on every
+  generated reply of the experiments;
+* ``keyword + off-topic``: the keyword judge, or a reply whose relevance PMI under the model
+  is below zero (:func:`probes.judges.contextual_refusal_judge`): pyrit's definition. It
+  needs two forward passes per reply, so it runs here, where its validity is measured.
+
+The model under test scores the PMI, so the contextual figure is per model. The PMI values
+are cached on disk (model fingerprint, dtype, chat format, data sha256), since they cost two
+forward passes over about 22,000 reply tokens (about 3 minutes on 2 cores); the quick
+profile scores the held-out half only (the claim's data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fixtures.workbench import Workbench
+from probes import judges as J
+from probes.paths import atomic_write_bytes
+from prompts.labelled import LabelledSplit, refusal_labels, split_labelled
+
+PARTS = ("dev", "heldout", "all")
+
+
+PMI_CACHE_VERSION = "1"
+
+
+def _split() -> LabelledSplit:
+    return split_labelled(refusal_labels())
+
+
+def _pmi(bench: Workbench, rows: list[Any]) -> np.ndarray:
+    """Relevance PMI of every row under the bench's model, memoised on disk."""
+    lm = bench.lm
+    src = json.dumps({"v": PMI_CACHE_VERSION, "fp": lm.fingerprint, "dtype": str(lm.dtype),
+                      "chat": lm.chat.mode, "neutral": J.NEUTRAL_INSTRUCTION,
+                      "rows": [[r.objective, r.response] for r in rows]}, sort_keys=True)
+    path = (bench.cache.root.parent / "judges"
+            / f"pmi-{hashlib.sha256(src.encode()).hexdigest()[:32]}.json")
+    if bench.cfg.use_cache and path.is_file():
+        try:
+            values = json.loads(path.read_text())
+            if isinstance(values, list) and len(values) == len(rows):
+                return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        except (OSError, ValueError):
+            pass
+        bench.progress(f"[judges] unreadable PMI cache entry {path}: recomputing", force=True)
+    bench.progress(f"[judges] relevance PMI of {len(rows)} labelled replies under {lm.name} "
+                   "(two forward passes each)", force=True)
+    formatted = lm.format([r.objective for r in rows])
+    neutral = lm.format([J.NEUTRAL_INSTRUCTION])[0]
+    pmi = J.relevance_pmi(lm.model, lm.tokenizer, formatted, [r.response for r in rows],
+                          neutral, batch_size=8)
+    if bench.cfg.use_cache:
+        atomic_write_bytes(path, json.dumps([None if np.isnan(v) else float(v)
+                                             for v in pmi]).encode())
+    return pmi
+
+
+@pytest.mark.claim("JUDGE-REFUSAL-ACCURACY")
+def test_refusal_judges_against_human_labels(bench: Workbench, measure: Any) -> None:
+    split = _split()
+    lm = bench.lm
+    bench.record_model(measure)
+    t0 = time.perf_counter()
+    rows = list(split.all)
+    n_dev = len(split.dev)
+    # quick profile: the contextual judge on the held-out half only (the claim's data)
+    first = n_dev if bench.cfg.profile == "quick" else 0
+    pmi = np.full(len(rows), np.nan)
+    pmi[first:] = _pmi(bench, rows[first:])
+    measure.metric("contextual_judge_seconds", time.perf_counter() - t0, units="s")
+    keyword = J.refusal_judge([r.response for r in rows])
+    contextual = keyword | np.where(np.isnan(pmi), False, pmi < J.OFF_TOPIC_PMI)
+    verdicts = {
+        "published": J.arditi_judge([r.response for r in rows]),
+        "keyword": keyword,
+        "keyword + off-topic": contextual,
+    }
+    table = []
+    held: dict[str, J.JudgeValidation] = {}
+    for name, pred in verdicts.items():
+        for part in PARTS:
+            if name == "keyword + off-topic" and first and part != "heldout":
+                continue  # not scored in the quick profile
+            sl = {"dev": slice(0, n_dev), "heldout": slice(n_dev, None),
+                  "all": slice(None)}[part]
+            v = J.validate_predictions(np.asarray(pred)[sl], rows[sl])
+            table.append([name, part, v.n, v.tp, v.fp, v.tn, v.fn,
+                          v.accuracy.value, v.accuracy.lo, v.accuracy.hi,
+                          v.precision.value, v.precision.lo, v.precision.hi,
+                          v.recall.value, v.recall.lo, v.recall.hi])
+            if part == "heldout":
+                held[name] = v
+    measure.table("judge_validation", ["judge", "part", "n", "TP", "FP", "TN", "FN",
+                                       "accuracy", "acc lo", "acc hi", "precision", "prec lo",
+                                       "prec hi", "recall", "rec lo", "rec hi"], table)
+    for name, v in held.items():
+        key = name.replace(" + ", "_").replace("-", "_")
+        for stat in ("accuracy", "precision", "recall"):
+            e = getattr(v, stat)
+            measure.metric(f"{key} heldout {stat}", e.value, ci=(e.lo, e.hi), n=v.n)
+    best = held["keyword + off-topic"]
+    measure.metric("heldout_accuracy", best.accuracy.value,
+                   ci=(best.accuracy.lo, best.accuracy.hi), n=best.n)
+    measure.plot("judge_heldout_accuracy", "bar", categories=list(held),
+                 series={"held-out accuracy": [v.accuracy.value for v in held.values()]},
+                 errors={"held-out accuracy": ([v.accuracy.lo for v in held.values()],
+                                               [v.accuracy.hi for v in held.values()])},
+                 ylabel="accuracy (Wilson 95 %)",
+                 title=f"Refusal judges vs pyrit human labels, held-out half (n={best.n})")
+    errors = [{"part": "dev" if e.index + first < n_dev else "heldout", "human": str(e.label),
+               "judge": str(e.predicted), "pmi": f"{pmi[e.index + first]:+.3f}",
+               "objective": e.objective[:120], "reply": e.response[:200]}
+              for e in J.validate_predictions(contextual[first:], rows[first:]).errors]
+    measure.texts("contextual_judge_errors", errors)
+    measure.check("JUDGE-REFUSAL-ACCURACY", best.accuracy.value,
+                  ci=(best.accuracy.lo, best.accuracy.hi), n=best.n,
+                  detail=f"keyword + off-topic (PMI < {J.OFF_TOPIC_PMI:g}) under {lm.name}; "
+                         f"{best.summary()}; keyword alone {held['keyword'].summary()}")
