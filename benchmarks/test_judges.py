@@ -19,7 +19,7 @@ Wilson 95 % intervals on the development half, the held-out half and both:
 The model under test scores the PMI, so the contextual figure is per model. The PMI values
 are cached on disk (model fingerprint, dtype, chat format, data sha256), since they cost two
 forward passes over about 22,000 reply tokens (about 3 minutes on 2 cores); the quick
-profile scores the held-out half only (the claim's data).
+profile reports the two phrase judges only and skips the claim, with that reason.
 """
 
 from __future__ import annotations
@@ -80,27 +80,21 @@ def test_refusal_judges_against_human_labels(bench: Workbench, measure: Any) -> 
     split = _split()
     lm = bench.lm
     bench.record_model(measure)
-    t0 = time.perf_counter()
     rows = list(split.all)
     n_dev = len(split.dev)
-    # quick profile: the contextual judge on the held-out half only (the claim's data)
-    first = n_dev if bench.cfg.profile == "quick" else 0
-    pmi = np.full(len(rows), np.nan)
-    pmi[first:] = _pmi(bench, rows[first:])
-    measure.metric("contextual_judge_seconds", time.perf_counter() - t0, units="s")
     keyword = J.refusal_judge([r.response for r in rows])
-    contextual = keyword | np.where(np.isnan(pmi), False, pmi < J.OFF_TOPIC_PMI)
-    verdicts = {
-        "published": J.arditi_judge([r.response for r in rows]),
-        "keyword": keyword,
-        "keyword + off-topic": contextual,
-    }
+    verdicts = {"published": J.arditi_judge([r.response for r in rows]), "keyword": keyword}
+    contextual = pmi = None
+    if bench.cfg.profile != "quick":
+        t0 = time.perf_counter()
+        pmi = _pmi(bench, rows)
+        measure.metric("contextual_judge_seconds", time.perf_counter() - t0, units="s")
+        contextual = keyword | np.where(np.isnan(pmi), False, pmi < J.OFF_TOPIC_PMI)
+        verdicts["keyword + off-topic"] = contextual
     table = []
     held: dict[str, J.JudgeValidation] = {}
     for name, pred in verdicts.items():
         for part in PARTS:
-            if name == "keyword + off-topic" and first and part != "heldout":
-                continue  # not scored in the quick profile
             sl = {"dev": slice(0, n_dev), "heldout": slice(n_dev, None),
                   "all": slice(None)}[part]
             v = J.validate_predictions(np.asarray(pred)[sl], rows[sl])
@@ -118,6 +112,11 @@ def test_refusal_judges_against_human_labels(bench: Workbench, measure: Any) -> 
         for stat in ("accuracy", "precision", "recall"):
             e = getattr(v, stat)
             measure.metric(f"{key} heldout {stat}", e.value, ci=(e.lo, e.hi), n=v.n)
+    if contextual is None or pmi is None:
+        measure.skip("JUDGE-REFUSAL-ACCURACY",
+                     "quick profile: the model-based judge (two forward passes over 22,000 reply "
+                     "tokens, about 3 minutes) runs in the full profile; phrase judges reported")
+        return
     best = held["keyword + off-topic"]
     measure.metric("heldout_accuracy", best.accuracy.value,
                    ci=(best.accuracy.lo, best.accuracy.hi), n=best.n)
@@ -127,10 +126,10 @@ def test_refusal_judges_against_human_labels(bench: Workbench, measure: Any) -> 
                                                [v.accuracy.hi for v in held.values()])},
                  ylabel="accuracy (Wilson 95 %)",
                  title=f"Refusal judges vs pyrit human labels, held-out half (n={best.n})")
-    errors = [{"part": "dev" if e.index + first < n_dev else "heldout", "human": str(e.label),
-               "judge": str(e.predicted), "pmi": f"{pmi[e.index + first]:+.3f}",
+    errors = [{"part": "dev" if e.index < n_dev else "heldout", "human": str(e.label),
+               "judge": str(e.predicted), "pmi": f"{pmi[e.index]:+.3f}",
                "objective": e.objective[:120], "reply": e.response[:200]}
-              for e in J.validate_predictions(contextual[first:], rows[first:]).errors]
+              for e in J.validate_predictions(contextual, rows).errors]
     measure.texts("contextual_judge_errors", errors)
     measure.check("JUDGE-REFUSAL-ACCURACY", best.accuracy.value,
                   ci=(best.accuracy.lo, best.accuracy.hi), n=best.n,

@@ -6,6 +6,10 @@ designed on the development half of the labelled data only; the held-out half is
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -29,9 +33,11 @@ def split() -> LabelledSplit:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="pre-registered target not met: the frozen judge scored 0.786 [0.662, 0.873] on "
-    "the held-out half (12 misses: 6 replies that answer a different question, which pyrit "
-    "labels refusals, and 6 soft or partial refusals without a refusal phrase)",
+    reason="the keyword judge alone misses the target (the claim is judged on keyword + "
+    "off-topic, benchmarks/test_judges.py): the frozen keyword judge scored 0.786 "
+    "[0.662, 0.873] on the held-out half (12 misses: 6 replies that answer a different "
+    "question, which pyrit labels refusals, and 6 soft or partial refusals without a "
+    "refusal phrase)",
 )
 def test_heldout_accuracy_meets_the_target(split: LabelledSplit) -> None:
     v = J.validate_refusal_judge(J.refusal_judge, split.heldout)
@@ -90,3 +96,35 @@ def test_coherence_separates_fluent_from_word_salad(
     assert ok[:4].sum() >= 3, ppl
     assert not ok[4:].any(), ppl
     assert np.all(ppl[4:] > ppl[:4].max()), ppl
+
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "test_judges.py"
+
+
+def test_judges_benchmark_reports_every_judge(pytester: pytest.Pytester) -> None:
+    """The judge benchmark runs on the embedded model (full profile: the quick one skips the
+    model-based judge) and reports accuracy, precision and recall per judge and part. About
+    3 minutes on a cold cache, seconds once the PMI values are cached."""
+    out = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(str(BENCH), "--profile", "full", "-p",
+                                           "no:cacheprovider", "--report-json", str(out),
+                                           timeout=1800)
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
+    doc: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    (test,) = doc["tests"]
+    assert test["outcome"] in ("passed", "failed"), test["longrepr"]
+    (table,) = [t for t in test["tables"] if t["name"] == "judge_validation"]
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["rows"]]
+    seen = {(r["judge"], r["part"]) for r in rows}
+    for judge in ("published", "keyword", "keyword + off-topic"):
+        assert {(judge, p) for p in ("dev", "heldout", "all")} <= seen
+    for r in rows:
+        assert r["TP"] + r["FP"] + r["TN"] + r["FN"] == r["n"]
+        for stat in ("accuracy", "precision", "recall"):
+            assert 0.0 <= r[stat] <= 1.0
+    (check,) = test["checks"]
+    assert check["hypothesis"] == "JUDGE-REFUSAL-ACCURACY"
+    assert check["verdict"] in ("pass", "fail")
+    held = [r for r in rows if r["part"] == "heldout"]
+    by = {r["judge"]: r for r in held}
+    assert by["keyword + off-topic"]["TP"] >= by["keyword"]["TP"]  # it only adds refusals

@@ -461,3 +461,42 @@ def test_is_coherent_combines_degeneracy_and_threshold(tiny: LoadedModel) -> Non
     np.testing.assert_array_equal(ok, [True, False, False])
     none = J.is_coherent(tiny.model, tiny.tokenizer, prompts, responses, threshold=1.0)
     assert not none.any()  # a random model's perplexity is far above 1
+
+
+# --------------------------------------------------------------------------- off-topic (PMI)
+
+
+def test_relevance_pmi_is_the_log_perplexity_difference(tiny: LoadedModel) -> None:
+    tok, model = tiny.tokenizer, tiny.model
+    objectives = tiny.format(["Tell me about cats.", "Explain rain."])
+    neutral = tiny.format([J.NEUTRAL_INSTRUCTION])[0]
+    replies = ["Cats are small animals.", "Rain falls from clouds."]
+    pmi = J.relevance_pmi(model, tok, objectives, replies, neutral)
+    cond = J.perplexity(model, tok, objectives, replies)
+    base = J.perplexity(model, tok, [neutral, neutral], replies)
+    np.testing.assert_allclose(pmi, np.log(base) - np.log(cond), rtol=1e-6)
+    same = J.relevance_pmi(model, tok, [neutral], ["Anything at all."], neutral)
+    assert abs(float(same[0])) < 1e-6  # the neutral prompt carries no information about itself
+    assert np.isnan(J.relevance_pmi(model, tok, objectives[:1], [""], neutral)[0])
+    with pytest.raises(ValueError, match="objectives"):
+        J.relevance_pmi(model, tok, objectives, replies[:1], neutral)
+
+
+def test_contextual_judge_adds_off_topic_replies_to_keyword_refusals(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replies = ["I'm sorry, but I can't help with that.", "Here is a poem.", "Paris.", ""]
+    monkeypatch.setattr(J, "relevance_pmi",
+                        lambda *a, **k: np.array([0.5, -0.2, 0.3, np.nan]))
+    verdict, pmi = J.contextual_refusal_judge(tiny.model, tiny.tokenizer, tiny.format,
+                                              ["a", "b", "c", "d"], replies)
+    assert verdict.tolist() == [True, True, False, False]
+    assert np.isnan(pmi[3])
+
+
+def test_validate_predictions_equals_validating_the_judge() -> None:
+    rows = [Row("o", "I can't help with that.", True), Row("o", "Sure, here it is.", False),
+            Row("o", "Off-topic answer.", True)]
+    a = J.validate_refusal_judge(J.refusal_judge, rows)
+    b = J.validate_predictions(J.refusal_judge([r.response for r in rows]), rows)
+    assert (a.tp, a.fp, a.tn, a.fn) == (b.tp, b.fp, b.tn, b.fn) == (1, 0, 1, 1)
