@@ -14,7 +14,8 @@ Sections (default: all but ``doseresponse``):
   RSS of a fresh process doing warm load + capture + cache write/read.
 * ``generation`` (issue 5): greedy ``probes.generation.generate`` throughput (new tokens/s)
   at batch sizes 1, 8, 32, 64 (48 new tokens), the batch-32/batch-1 speed-up and a roofline:
-  the machine's fp32 matmul GFLOP/s over the model's FLOPs per token (2 x parameters,
+  the machine's matmul GFLOP/s in the run's dtype (--dtype, default bfloat16) over the
+  model's FLOPs per token (2 x parameters,
   lm_head included) is the compute-bound tokens/s; each throughput is given as a fraction.
 * ``doseresponse`` (issue 5, opt-in, minutes): the default 17-alpha dose-response workload
   (17 alphas x 40 prompts x 48 new tokens, steering layers L/3..2L/3 with the mean-difference
@@ -259,6 +260,7 @@ class Run:
                 self.progress(f"  {perf_dtype()} matmul {size}^2: {median(rates):.1f} GFLOP/s")
             best = max(per_size, key=lambda k: per_size[k]["median"])
             self.roofline = {"gflops": per_size[best]["median"], "best_size": int(best),
+                             "dtype": perf_dtype(),
                              "per_size": per_size, "repeats": self.s.matmul_repeats,
                              "definition": "median over repeats of 2 n^3 / t for torch.matmul "
                                            f"of two {perf_dtype()} n x n matrices; the best size "

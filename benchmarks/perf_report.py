@@ -168,7 +168,8 @@ def render_table(doc: dict[str, Any], reports: Sequence[ModelReport]) -> str:
     ]
     roof = doc.get("roofline")
     if roof:
-        lines.append(f"fp32 matmul peak {roof['gflops']:.1f} GFLOP/s (median per size, best "
+        lines.append(f"{roof.get('dtype', 'float32')} matmul peak {roof['gflops']:.1f} GFLOP/s "
+                     f"(median per size, best "
                      f"size {roof['best_size']})")
     for rep in reports:
         lines.append("")
