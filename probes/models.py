@@ -327,7 +327,8 @@ def _contiguous_head_input(model: nn.Module) -> None:
     nothing. The patch replaces ``forward`` on the instance only: weights, hooks, tied
     embeddings and ``save_pretrained`` are untouched.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
     if not isinstance(head, nn.Linear) or "forward" in vars(head):
         return
     plain = head.forward
@@ -335,7 +336,7 @@ def _contiguous_head_input(model: nn.Module) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return plain(x.contiguous())
 
-    head.forward = forward  # type: ignore[method-assign]
+    setattr(head, "forward", forward)  # noqa: B010 - an instance attribute, on purpose
 
 
 def native_bf16() -> bool:
