@@ -76,6 +76,7 @@ MULTI_WIDTH = 5  # blocks in the multi-layer arm (seed 002: L6-10)
 MULTI_TOTALS = (0.5, 1.5)  # range of total perturbation ratios pooled in the comparison
 SAMPLE_PROMPTS = 2  # replies shown per class and alpha in the report
 SAMPLE_CHARS = 300
+RATIO_BREAKDOWN_UPPER = 1.5  # upper end of TIS-RATIO-BREAKDOWN's range (the registry)
 PERPLEXITY_CALIBRATED_FOR = "qwen2.5-coder-0.5b-instruct"
 """The model ``probes.judges.PERPLEXITY_THRESHOLD`` was calibrated on (its docstring)."""
 
@@ -760,6 +761,14 @@ def test_ratio_breakdown(bench: Workbench, side: Side, measure: Any) -> None:
         measure.check("TIS-RATIO-BREAKDOWN", 0.0, n=int(n[sw.zero]),
                       detail="coherence is already below 50 % unsteered; " + detail)
         return
+    tested = float(np.abs(sw.alphas[idx]).max())
+    upper = RATIO_BREAKDOWN_UPPER
+    if (not d.ok or d.value is None) and tested < upper:
+        measure.skip("TIS-RATIO-BREAKDOWN",
+                     f"coherence stayed >= 50 % up to ratio {tested:g}, the end of this grid, "
+                     f"which stops below the claim's upper end {upper:g}: the breakdown may "
+                     f"still lie inside the claimed range (run with --ratio-alphas reaching "
+                     f"{upper:g}, as the full profile does); {detail}")
     if not d.ok or d.value is None:
         measure.metric("breakdown_ratio", math.inf)
         measure.check("TIS-RATIO-BREAKDOWN", math.inf, n=int(n.sum()),
