@@ -214,7 +214,8 @@ def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config = AutoConfig.for_model(**config.to_dict())
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
@@ -295,7 +296,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module
             "check that the directory holds a complete model (config.json, weights, "
             "tokenizer); a corrupt or truncated weight file must be replaced",
         ) from exc
-    return model.to(device), tok
+    return model.to(device), tok  # type: ignore[arg-type]
 
 
 def _dir_fingerprint(path: Path, config: Any, cache_dir: Path) -> str:
@@ -359,8 +360,9 @@ def _finish(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tok.pad_token_id
+    gen_config = getattr(model, "generation_config", None)
+    if gen_config is not None:
+        gen_config.pad_token_id = tok.pad_token_id
     return LoadedModel(
         name=name, spec=spec, model=model, tokenizer=tok, chat=ChatFormat(tok, chat_template),
         layout=find_layout(model), fingerprint=fingerprint, provider=provider, refuses=refuses,
@@ -389,8 +391,8 @@ def load(
             )
         model, tok = tiny_model(arch)
         model = model.to(device=device, dtype=torch_dtype)
-        fp = hashlib.sha256(f"tiny:{arch}:seed0:{_config_digest(model.config)}".encode())
-        return _finish(spec, spec, model, tok, fp.hexdigest(), "random", None, "random init",
+        digest = hashlib.sha256(f"tiny:{arch}:seed0:{_config_digest(model.config)}".encode())
+        return _finish(spec, spec, model, tok, digest.hexdigest(), "random", None, "random init",
                        torch_dtype, t0, chat_template)
 
     if spec in _ALIASES:

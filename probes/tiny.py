@@ -52,7 +52,7 @@ def tiny_tokenizer() -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -122,7 +122,7 @@ def tiny_model(arch: str, seed: int = 0, n_layers: int = 4) -> tuple[Any, Any]:
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
         # Random init is tiny; scale the residual writers up so directions matter.
         with torch.no_grad():
             for p in model.parameters():
