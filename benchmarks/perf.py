@@ -200,7 +200,8 @@ def _memory_figure(report: Any, fid: str, section: str, label: str, res: dict[st
     # used: RSS before the task is not "the model", so the peak is reported whole.
     report.add(Figure(fid, section, label, float(res["max_rss_bytes"]), "bytes", target=target,
                       note=f"peak of a fresh process doing it once, load included (RSS before "
-                           f"the task {res['baseline_rss_bytes'] / GIB:.2f} GiB)",
+                           f"the task {res['baseline_rss_bytes'] / GIB:.2f} GiB, peak during the "
+                           f"task {res.get('work_peak_rss_bytes', 0) / GIB:.2f} GiB)",
                       extra=extra))
 
 
