@@ -250,12 +250,28 @@ def _warn_if_inexact(layout: ResidualLayout) -> None:
         )
 
 
+_CHUNK_ELEMENTS = 1 << 22  # float32 work per chunk in _edited: 16 MiB
+
+
 def _edited(param: torch.Tensor, unit: torch.Tensor, axis: int, norm_preserve: bool,
             per_expert: bool) -> torch.Tensor:
-    new = project_out(param, unit, axis)
-    if norm_preserve:
-        new = _rescale_to(new, param, per_expert)
-    return new.to(param.dtype)
+    if norm_preserve or param.dtype == torch.float64:
+        new = project_out(param, unit, axis)
+        if norm_preserve:
+            new = _rescale_to(new, param, per_expert)
+        return new.to(param.dtype)
+    # The same projection, in float32, chunk by chunk into a tensor of the parameter's dtype:
+    # a bfloat16 embedding matrix (151936 x 896) no longer needs two float32 copies at once.
+    src = param.detach().movedim(axis, -1)
+    d = src.shape[-1]
+    flat = src.reshape(-1, d)
+    out = torch.empty_like(flat)
+    u = unit.to(device=flat.device, dtype=torch.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    for start in range(0, flat.shape[0], step):
+        x = flat[start:start + step].to(torch.float32)
+        out[start:start + step] = (x - (x @ u).unsqueeze(-1) * u).to(param.dtype)
+    return out.reshape(src.shape).movedim(-1, axis).contiguous()
 
 
 def _swap_in(module: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
