@@ -60,7 +60,6 @@ from probes.capture import left_pad_batch
 from probes.directions import mean_diff_per_layer
 from probes.generation import Generations
 from probes.judges import perplexity, refusal_judge
-from probes.paths import atomic_write_bytes
 from probes.stats import fisher_exact, mean_ci, rate, wilson_interval
 from prompts import PromptSet
 
@@ -71,7 +70,6 @@ NORM_PRESERVE = False  # the exact equivalent of the hook ablation
 FISHER_ALPHA = 0.10  # seed 001's pass criterion (also in the registry)
 MIN_N_PER_CONDITION = 3
 EXPORT_CHECK_PROMPTS = 4
-CACHE_VERSION = "1"
 
 
 # --------------------------------------------------------------------------- small disk cache
@@ -79,22 +77,8 @@ CACHE_VERSION = "1"
 
 def _cached_json(bench: Workbench, kind: str, key: dict[str, Any],
                  compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A small JSON result memoised on disk beside the activation cache."""
-    src = json.dumps({"v": CACHE_VERSION, "kind": kind, "fp": bench.lm.fingerprint,
-                      "dtype": str(bench.lm.dtype), "chat": bench.lm.chat.mode, **key},
-                     sort_keys=True)
-    path = (bench.cache.root.parent / "abliteration"
-            / f"{kind}-{hashlib.sha256(src.encode()).hexdigest()[:32]}.json")
-    if bench.cfg.use_cache and path.is_file():
-        try:
-            data: dict[str, Any] = json.loads(path.read_text())
-            return data
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)
-    data = compute()
-    if bench.cfg.use_cache:
-        atomic_write_bytes(path, json.dumps(data).encode())
-    return data
+    """Selection sweeps and damage figures, memoised under ``<cache>/abliteration/``."""
+    return bench.cached_json("abliteration", kind, key, compute)
 
 
 # --------------------------------------------------------------------------- selection

@@ -34,13 +34,9 @@ import pytest
 
 from fixtures.workbench import Workbench
 from probes import judges as J
-from probes.paths import atomic_write_bytes
 from prompts.labelled import LabelledSplit, refusal_labels, split_labelled
 
 PARTS = ("dev", "heldout", "all")
-
-
-PMI_CACHE_VERSION = "1"
 
 
 def _split() -> LabelledSplit:
@@ -48,31 +44,22 @@ def _split() -> LabelledSplit:
 
 
 def _pmi(bench: Workbench, rows: list[Any]) -> np.ndarray:
-    """Relevance PMI of every row under the bench's model, memoised on disk."""
+    """Relevance PMI of every row under the bench's model, memoised under ``<cache>/judges/``."""
     lm = bench.lm
-    src = json.dumps({"v": PMI_CACHE_VERSION, "fp": lm.fingerprint, "dtype": str(lm.dtype),
-                      "chat": lm.chat.mode, "neutral": J.NEUTRAL_INSTRUCTION,
-                      "rows": [[r.objective, r.response] for r in rows]}, sort_keys=True)
-    path = (bench.cache.root.parent / "judges"
-            / f"pmi-{hashlib.sha256(src.encode()).hexdigest()[:32]}.json")
-    if bench.cfg.use_cache and path.is_file():
-        try:
-            values = json.loads(path.read_text())
-            if isinstance(values, list) and len(values) == len(rows):
-                return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        except (OSError, ValueError):
-            pass
-        bench.progress(f"[judges] unreadable PMI cache entry {path}: recomputing", force=True)
-    bench.progress(f"[judges] relevance PMI of {len(rows)} labelled replies under {lm.name} "
-                   "(two forward passes each)", force=True)
-    formatted = lm.format([r.objective for r in rows])
-    neutral = lm.format([J.NEUTRAL_INSTRUCTION])[0]
-    pmi = J.relevance_pmi(lm.model, lm.tokenizer, formatted, [r.response for r in rows],
-                          neutral, batch_size=8)
-    if bench.cfg.use_cache:
-        atomic_write_bytes(path, json.dumps([None if np.isnan(v) else float(v)
-                                             for v in pmi]).encode())
-    return pmi
+
+    def compute() -> dict[str, Any]:
+        bench.progress(f"[judges] relevance PMI of {len(rows)} labelled replies under "
+                       f"{lm.name} (two forward passes each)", force=True)
+        pmi = J.relevance_pmi(lm.model, lm.tokenizer, lm.format([r.objective for r in rows]),
+                              [r.response for r in rows],
+                              lm.format([J.NEUTRAL_INSTRUCTION])[0], batch_size=8)
+        return {"pmi": [None if np.isnan(v) else float(v) for v in pmi]}
+
+    key = {"neutral": J.NEUTRAL_INSTRUCTION,
+           "rows": hashlib.sha256(json.dumps([[r.objective, r.response] for r in rows])
+                                  .encode()).hexdigest()}
+    values = bench.cached_json("judges", "pmi", key, compute)["pmi"]
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 @pytest.mark.claim("JUDGE-REFUSAL-ACCURACY")
@@ -89,7 +76,7 @@ def test_refusal_judges_against_human_labels(bench: Workbench, measure: Any) -> 
         t0 = time.perf_counter()
         pmi = _pmi(bench, rows)
         measure.metric("contextual_judge_seconds", time.perf_counter() - t0, units="s")
-        contextual = keyword | np.where(np.isnan(pmi), False, pmi < J.OFF_TOPIC_PMI)
+        contextual = keyword | J.off_topic(pmi)
         verdicts["keyword + off-topic"] = contextual
     table = []
     held: dict[str, J.JudgeValidation] = {}

@@ -161,14 +161,26 @@ def direction_sha256(direction: torch.Tensor | npt.ArrayLike) -> str:
     return hashlib.sha256(u.numpy().tobytes()).hexdigest()
 
 
-def project_out(tensor: torch.Tensor, unit: torch.Tensor, axis: int) -> torch.Tensor:
-    """``(I - u u^T)`` applied along ``axis`` of ``tensor``: a new tensor (float32, or
-    float64 for float64 input) whose slices along ``axis`` are orthogonal to ``unit``."""
+_CHUNK_ELEMENTS = 1 << 22  # working-precision elements per chunk of project_out: 16 MiB
+
+
+def project_out(tensor: torch.Tensor, unit: torch.Tensor, axis: int,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(I - u u^T)`` applied along ``axis`` of ``tensor``: a new tensor whose slices along
+    ``axis`` are orthogonal to ``unit``. Computed in float32 (float64 for float64 input),
+    chunk by chunk, and stored as ``out_dtype`` (default: that working precision), so a
+    bfloat16 embedding matrix never needs a full float32 copy."""
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    x = tensor.detach().to(work).movedim(axis, -1)
-    u = unit.to(device=x.device, dtype=work)
-    out = x - (x @ u).unsqueeze(-1) * u
-    return out.movedim(-1, axis)
+    src = tensor.detach().movedim(axis, -1)
+    d = src.shape[-1]
+    flat = src.reshape(-1, d)
+    out = torch.empty(flat.shape, dtype=out_dtype or work, device=flat.device)
+    u = unit.to(device=flat.device, dtype=work)
+    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    for start in range(0, flat.shape[0], step):
+        x = flat[start:start + step].to(work)
+        out[start:start + step] = x - (x @ u).unsqueeze(-1) * u
+    return out.reshape(src.shape).movedim(-1, axis)
 
 
 def _rescale_to(new: torch.Tensor, old: torch.Tensor, per_expert: bool) -> torch.Tensor:
@@ -250,28 +262,11 @@ def _warn_if_inexact(layout: ResidualLayout) -> None:
         )
 
 
-_CHUNK_ELEMENTS = 1 << 22  # float32 work per chunk in _edited: 16 MiB
-
-
 def _edited(param: torch.Tensor, unit: torch.Tensor, axis: int, norm_preserve: bool,
             per_expert: bool) -> torch.Tensor:
-    if norm_preserve or param.dtype == torch.float64:
-        new = project_out(param, unit, axis)
-        if norm_preserve:
-            new = _rescale_to(new, param, per_expert)
-        return new.to(param.dtype)
-    # The same projection, in float32, chunk by chunk into a tensor of the parameter's dtype:
-    # a bfloat16 embedding matrix (151936 x 896) no longer needs two float32 copies at once.
-    src = param.detach().movedim(axis, -1)
-    d = src.shape[-1]
-    flat = src.reshape(-1, d)
-    out = torch.empty_like(flat)
-    u = unit.to(device=flat.device, dtype=torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    for start in range(0, flat.shape[0], step):
-        x = flat[start:start + step].to(torch.float32)
-        out[start:start + step] = (x - (x @ u).unsqueeze(-1) * u).to(param.dtype)
-    return out.reshape(src.shape).movedim(-1, axis).contiguous()
+    if norm_preserve:  # the rescale needs the projected tensor at working precision
+        return _rescale_to(project_out(param, unit, axis), param, per_expert).to(param.dtype)
+    return project_out(param, unit, axis, out_dtype=param.dtype).contiguous()
 
 
 def _swap_in(module: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
