@@ -31,6 +31,12 @@ Weight orthogonalisation (SCIENCE.md, "Abliteration"; Arditi et al. 2024)
     Edits swap in new parameter tensors (the originals are kept, untouched, by
     :func:`orthogonalised` only, and put back on exit, so the restore is bit-exact and costs
     no copy of the originals): memory grows by the size of the edited tensors.
+    :func:`orthogonalise` without ``inplace`` returns a copy whose modules are new but whose
+    *unedited* tensors (norms, q/k/v, gate/up projections, the untied unembedding) are the
+    original's, shared rather than duplicated: the copy costs the edited tensors only. Both
+    models stay usable for inference side by side; to modify either one's parameters in
+    place afterwards (``.to(dtype)``, training), pass ``share_unedited=False`` for a full
+    deep copy.
 
 Export (:func:`export`)
     ``save_pretrained`` (safetensors) + tokenizer + ``abliteration.json`` into a temporary
@@ -355,17 +361,28 @@ def orthogonalise(
     include_embedding: bool = True,
     norm_preserve: bool = False,
     inplace: bool = False,
+    share_unedited: bool = True,
 ) -> nn.Module:
     """The model with ``direction`` projected out of every residual writer (of ``layers``).
 
-    Returns an edited deep copy, leaving ``model`` untouched, unless ``inplace=True`` (then
-    ``model`` itself is edited permanently and returned). See the module docstring for tied
+    Returns an edited copy, leaving ``model`` untouched, unless ``inplace=True`` (then
+    ``model`` itself is edited permanently and returned). The copy shares the tensors the
+    edit does not change with ``model`` (``share_unedited``; see the module docstring), so
+    it costs only the edited tensors' memory. See the module docstring for tied
     embeddings, norm preservation and sandwich-norm models (which warn).
     """
     layout = find_layout(model)
     unit = unit_direction(direction, layout.d_model)
     _warn_if_inexact(layout)
-    target = model if inplace else copy.deepcopy(model)
+    if inplace:
+        target = model
+    elif share_unedited:
+        # New module objects over the same tensors; the edit then swaps new tensors into the
+        # copy's modules only (never writes into a tensor), so ``model`` keeps its own.
+        memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        target = copy.deepcopy(model, memo)
+    else:
+        target = copy.deepcopy(model)
     layout = find_layout(target)
     _apply(layout, unit, layers, include_embedding, norm_preserve, target)
     return target

@@ -215,6 +215,34 @@ def test_orthogonalise_copies_unless_inplace(tiny: LoadedModel) -> None:
     assert same is copy
 
 
+def test_copy_shares_only_the_tensors_it_does_not_edit() -> None:
+    """The edited copy costs the edited tensors alone and computes what a full deep copy
+    computes; the original keeps every tensor and its tie."""
+    model, tok = _tiny_variant("llama", tie_word_embeddings=True)
+    r = _direction(64, seed=8)
+    batch = _tiny_batch(tok)
+    before = _logits(model, batch)
+    shared = A.orthogonalise(model, r)
+    full = A.orthogonalise(model, r, share_unedited=False)
+    original = dict(model.named_parameters(remove_duplicate=False))
+    edited_names = {n for n, p in shared.named_parameters() if p is not original[n]}
+    for name, p in shared.named_parameters():
+        if name in edited_names:
+            assert p.data_ptr() != original[name].data_ptr()
+        else:
+            assert p is original[name], f"{name} should be shared, not copied"
+    writers = {id(w.param) for w in find_layout(shared).writers}
+    named = dict(shared.named_parameters())
+    assert edited_names, "something must be edited"
+    assert {id(named[n]) for n in edited_names} == writers
+    assert all(p.data_ptr() not in {q.data_ptr() for q in model.parameters()}
+               for p in full.parameters())
+    assert torch.equal(_logits(shared, batch), _logits(full, batch))
+    assert torch.equal(_logits(model, batch), before)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert shared.get_output_embeddings().weight is model.get_output_embeddings().weight
+
+
 def test_context_manager_restores_bit_exactly_on_exception(tiny: LoadedModel) -> None:
     snap = _snapshot(tiny.model)
     r = _direction(tiny.layout.d_model, seed=7)
