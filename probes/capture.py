@@ -149,23 +149,74 @@ def left_pad_batch(
     tokenizer: Any, texts: Sequence[str], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
     """Tokenise ``texts`` left-padded, with position ids that ignore the padding."""
-    enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, padding_side="left",
-        add_special_tokens=False,
-    )
-    mask = enc["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": pos.to(device),
-    }
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return split_prefix_batch(rows, 0, pad_id(tokenizer), device)
 
 
-def _length_order(tokenizer: Any, texts: Sequence[str]) -> tuple[list[int], list[int]]:
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    return order, lengths
+def pad_id(tokenizer: Any) -> int:
+    """The id put in padding positions (masked out, so any valid id would do)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by every row."""
+    if not rows:
+        return 0
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
+    return n
+
+
+def prefix_sharing_supported(model: Any) -> bool:
+    """Prefix KV sharing needs a plain attention cache (no recurrent/linear-attention state,
+    no sliding window shorter than the context)."""
+    cfg = getattr(model, "config", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return False
+    return not getattr(cfg, "use_sliding_window", False)
+
+
+def prefix_kv_cache(decoder: nn.Module, prefix: torch.Tensor, rows: int) -> Any:
+    """A KV cache holding ``prefix`` (``[1, p]`` token ids) once per row, computed once."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), past_key_values=cache,
+            use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def split_prefix_batch(
+    rows: Sequence[Sequence[int]], p: int, pad: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Rows of token ids as ``[prefix | left padding | own suffix]``.
+
+    Returns ``input_ids`` ``[b, width]`` (the prefix columns hold the shared prefix),
+    ``attention_mask`` ``[b, width]`` and ``position_ids`` ``[b, width]`` counting only real
+    tokens, so every token keeps the position it has in its own unpadded prompt.
+    """
+    b, width = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((b, width), pad, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        suffix = r[p:]
+        input_ids[i, :p] = torch.tensor(r[:p], dtype=torch.long)
+        input_ids[i, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        mask[i, :p] = 1
+        mask[i, width - len(suffix):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}
+
+
+def _length_order(lengths: Sequence[int]) -> list[int]:
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _selector(positions: Positions, k: int, mask: torch.Tensor) -> Selector:
@@ -192,10 +243,16 @@ def capture(
     n_post_instruction: int = 1,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    share_prefix: bool | None = None,
 ) -> Activations:
     """Activations of already chat-formatted ``prompts`` at ``site`` for ``layers``.
 
-    ``progress(done, total)`` is called after each batch.
+    ``progress(done, total)`` is called after each batch. ``share_prefix`` (default: for
+    ``last`` and ``post_instruction`` positions on plain-attention models) runs the token
+    prefix a batch shares (the chat template's system turn) once and feeds only each
+    prompt's own suffix after its cached keys and values: the same activations up to
+    floating-point rounding (``tests/foundation/test_capture.py``), for about half the work
+    on short chat prompts.
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
@@ -205,22 +262,39 @@ def capture(
     if not prompts:
         raise ValueError("no prompts to capture")
     device = model_device(layout.decoder)
-    order, lengths = _length_order(tokenizer, prompts)
+    all_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in all_ids]
+    order = _length_order(lengths)
     k = n_post_instruction
+    if share_prefix is None:
+        share_prefix = positions != "all" and prefix_sharing_supported(layout.decoder)
+    elif share_prefix and positions == "all":
+        raise ValueError("share_prefix needs positions 'last' or 'post_instruction': 'all' "
+                         "records the prefix tokens too")
+    keep = k if positions == "post_instruction" else 1  # suffix tokens the selector reads
+    pad = pad_id(tokenizer)
 
     batch_lengths: list[torch.Tensor] = []
     per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
     done = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = left_pad_batch(tokenizer, [prompts[i] for i in idx], device)
+        rows = [all_ids[i] for i in idx]
+        p = common_prefix_len(rows) if share_prefix and len(rows) > 1 else 0
+        p = max(0, min(p, min(len(r) for r in rows) - keep))
+        batch = split_prefix_batch(rows, p, pad, device)
+        cache = None
+        if p > 0:
+            cache = prefix_kv_cache(layout.decoder, batch["input_ids"][:1, :p], len(rows))
+            batch = {"input_ids": batch["input_ids"][:, p:], "attention_mask":
+                     batch["attention_mask"], "position_ids": batch["position_ids"][:, p:]}
         mask = batch["attention_mask"].bool()
         select = _selector(positions, k, mask)
         if positions == "all":
             batch_lengths.append(mask.sum(-1).cpu())
         with (recording(layout, site, chosen, select, stop_after=True) as sinks,
               contextlib.suppress(_StopForward)):
-            layout.decoder(**batch, use_cache=False)
+            layout.decoder(**batch, past_key_values=cache, use_cache=cache is not None)
         for layer in chosen:
             per_layer[layer].extend(sinks[layer])
         done += len(idx)

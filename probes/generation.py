@@ -1,8 +1,13 @@
 """Batched greedy generation, under whatever interventions are active.
 
-Prompts are sorted by length and left-padded in batches; ``transformers``' ``generate``
-runs greedy decoding with the KV cache and stops as soon as every sequence in the batch
-has ended. Interventions (hooks) apply to the prompt pass and every generated token.
+Prompts are sorted by length and left-padded in batches. For plain-attention models the
+suite decodes with its own greedy loop over the KV cache: the prompt prefix a batch shares
+(the chat template's system turn) is computed once, and a row that has produced its stop
+token leaves the batch, so a batch where half the replies are short refusals stops paying
+for them. Other models (sliding-window or linear attention, a generation config with
+logits processors) go through ``transformers``' ``generate``, which keeps finished rows in
+the batch. Both give the same replies (``tests/unit/test_generation.py``). Interventions
+(hooks) apply to the prompt pass and every generated token.
 """
 
 from __future__ import annotations
@@ -14,7 +19,16 @@ from typing import Any
 
 import torch
 
-from probes.capture import model_device
+from probes.capture import (
+    common_prefix_len,
+    model_device,
+    prefix_kv_cache,
+    prefix_sharing_supported,
+    split_prefix_batch,
+)
+
+__all__ = ["Generations", "common_prefix_len", "generate", "plain_greedy",
+           "prefix_sharing_supported", "stop_token_ids"]
 
 
 @dataclass
@@ -50,61 +64,123 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix shared by every row."""
-    if not rows:
-        return 0
-    first = rows[0]
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        t = first[i]
-        if any(r[i] != t for r in rows):
-            return i
-    return n
+def _cache_for(model: Any, input_ids: torch.Tensor, p: int, b: int) -> Any:
+    """The KV cache a batch starts from: its shared prefix (``p`` tokens), or empty."""
+    if p > 0:
+        return prefix_kv_cache(model.get_decoder(), input_ids[:1, :p], b)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
-def prefix_sharing_supported(model: Any) -> bool:
-    """Prefix KV sharing needs a plain attention cache (no recurrent/linear-attention state,
-    no sliding window shorter than the context)."""
-    cfg = getattr(model, "config", None)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return False
-    return not getattr(cfg, "use_sliding_window", False)
+def _greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring token of each row's last position, the first one on ties (as
+    ``argmax``; ``max(...).indices`` is the same rule and ~3x faster on bfloat16 CPU logits)."""
+    return logits[:, -1, :].max(dim=-1).indices
+
+
+def _greedy_decode(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, p: int, pad: int,
+    stops: Sequence[int], max_new_tokens: int, drop_finished: bool,
+) -> list[list[int]]:
+    """Greedy decoding with a KV cache; the new ids per row, up to and including its stop token.
+
+    The prompt pass runs ``input_ids[:, p:]`` after the cached prefix; every step then feeds
+    each row its last token at position = running count of its attention mask minus one (as
+    ``generate`` computes positions) and takes the argmax of the last position's logits
+    (``generate``'s greedy rule when :func:`plain_greedy` holds). With ``drop_finished`` a
+    row that has produced a stop token leaves the batch (its KV-cache rows are dropped), so
+    later steps compute only the rows still writing; otherwise finished rows are fed ``pad``
+    until every row has ended, as ``generate`` does (hooks that follow rows by their index
+    need that).
+    """
+    b = input_ids.shape[0]
+    cache = _cache_for(model, input_ids, p, b)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions[:, p:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = _greedy_pick(out.logits)
+    last_pos = positions[:, -1]
+    stop_set = set(int(s) for s in stops)
+    new: list[list[int]] = [[] for _ in range(b)]
+    ended = [False] * b
+    alive = list(range(b))  # the original row of each batch row
+    for step in range(max_new_tokens):
+        for row, token in zip(alive, nxt.tolist(), strict=True):
+            if not ended[row]:
+                new[row].append(token)
+                ended[row] = token in stop_set
+        if step == max_new_tokens - 1 or all(ended[row] for row in alive):
+            break
+        if drop_finished:
+            keep = [i for i, row in enumerate(alive) if not ended[row]]
+            if len(keep) < len(alive):
+                idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+                cache.batch_select_indices(idx)
+                mask, nxt, last_pos = mask[idx], nxt[idx], last_pos[idx]
+                alive = [alive[i] for i in keep]
+        else:
+            done = torch.tensor([ended[row] for row in alive], device=nxt.device)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        nxt = _greedy_pick(out.logits)
+    return new
+
+
+def plain_greedy(model: Any) -> bool:
+    """Whether ``generate`` would decode greedily with no logits processor for this model's
+    generation config (a repetition penalty, banned words, a minimum length ... change the
+    argmax): only then may :func:`_greedy_decode` stand in for it."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return True
+    for name in _PROCESSOR_FIELDS:
+        value = getattr(cfg, name, None)
+        if value not in _NEUTRAL.get(name, (None,)):
+            return False
+    return True
+
+
+_PROCESSOR_FIELDS = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens",
+    "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
+)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "renormalize_logits": (None, False),
+    "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+}
 
 
 def _generate_batch(
     model: Any, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int,
-    share_prefix: bool, device: torch.device,
+    share_prefix: bool, fast: bool, drop_finished: bool, device: torch.device,
 ) -> list[list[int]]:
     """Greedy continuation of one batch of token-id rows; returns the new ids per row.
 
     With ``share_prefix`` the prompt prefix common to all rows (the chat template's system
     turn, typically) is run once and its KV cache repeated across the batch; rows are then
     padded between the prefix and their own suffix, so every row keeps its exact positions.
+    ``fast`` decodes with :func:`_greedy_decode`; otherwise ``transformers``' ``generate``.
     """
     b = len(ids)
     p = common_prefix_len(ids) if share_prefix and b > 1 else 0
     p = min(p, min(len(r) for r in ids) - 1)  # keep at least one token per row to feed
-    width = max(len(r) for r in ids)
-    input_ids = torch.full((b, width), pad, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for row, r in enumerate(ids):
-        suffix = r[p:]
-        input_ids[row, :p] = torch.tensor(r[:p], dtype=torch.long)
-        input_ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-        mask[row, :p] = 1
-        mask[row, width - len(suffix):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    batch = split_prefix_batch(ids, p, pad, device)
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    if fast:
+        return _greedy_decode(model, input_ids, mask, p, pad, stops, max_new_tokens,
+                              drop_finished)
     kwargs: dict[str, Any] = {}
     if p > 0:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids[:1, :p], attention_mask=mask[:1, :p], past_key_values=cache,
-              use_cache=True)
-        cache.batch_repeat_interleave(b)
-        kwargs["past_key_values"] = cache
+        kwargs["past_key_values"] = _cache_for(model, input_ids, p, b)
+    width = input_ids.shape[1]
     out = model.generate(
         input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
         do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad,
@@ -122,11 +198,18 @@ def generate(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
     share_prefix: bool | None = None,
+    fast: bool | None = None,
+    drop_finished: bool = True,
 ) -> Generations:
     """Greedy replies to already chat-formatted ``prompts``.
 
     ``share_prefix`` (default: when the architecture allows it) computes the prompt prefix
-    shared by a batch once; the replies are the same as without it (tested).
+    shared by a batch once. ``fast`` (default: for plain-attention models whose generation
+    config asks for plain greedy decoding) decodes with the suite's own loop instead of
+    ``transformers``' ``generate``, which lets rows that have ended leave the batch
+    (``drop_finished``; hooks that follow batch rows by index, such as
+    :func:`probes.monitoring.monitor`, need ``drop_finished=False``). The replies are the
+    same either way (tested against ``generate``).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -138,6 +221,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     if share_prefix is None:
         share_prefix = prefix_sharing_supported(model)
+    if fast is None:
+        fast = prefix_sharing_supported(model) and plain_greedy(model)
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     texts: list[str] = [""] * len(prompts)
@@ -148,7 +233,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops, max_new_tokens,
-                              share_prefix, device)
+                              share_prefix, fast, drop_finished, device)
         for row, i in enumerate(idx):
             seq = new[row]
             cut = next((k for k, t in enumerate(seq) if t in stops), len(seq))

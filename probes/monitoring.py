@@ -15,7 +15,8 @@ trajectory is therefore indexed by *steps*:
 A reply of m generated tokens (stop token included, as ``Generations.new_tokens`` counts
 them) has m steps, 0 .. m-1: the activation of the final token t_m is never computed,
 because ``generate`` stops after sampling it. In a batch, rows that finished early keep
-being fed pad tokens until the longest row ends; those steps are cut away. Step 0 at site
+being fed pad tokens until the longest row ends (generate with ``drop_finished=False``, as
+:func:`generate_monitored` does); those steps are cut away. Step 0 at site
 ``resid_pre`` of layer l is the same number as a separate capture of ``resid_pre`` at the
 last prompt position (see ``tests/unit/test_monitoring.py``).
 
@@ -233,7 +234,9 @@ class TokenMonitor:
         for c in seg.calls:
             rows = c.token_ids.shape[0]
             if rows not in (1, batch):
-                raise RuntimeError(f"a generation changed its batch from {rows} to {batch} rows")
+                raise RuntimeError(
+                    f"a generation changed its batch from {batch} to {rows} rows, so its rows "
+                    "cannot be followed: generate under a monitor with drop_finished=False")
             total += c.token_ids.shape[1]
             if c.mask_length != total:
                 raise RuntimeError("a decoder call's attention mask does not cover the cached "
@@ -330,7 +333,7 @@ def generate_monitored(
     """:func:`probes.generation.generate` under a monitor: replies and trajectories."""
     with monitor(layout, directions, site) as mon:
         gens = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                        progress=progress)
+                        progress=progress, drop_finished=False)
     return gens, mon.trajectories(tokenizer, prompts, gens.new_tokens)
 
 

@@ -84,3 +84,40 @@ def test_hooks_are_removed_even_when_the_forward_fails(tiny: LoadedModel) -> Non
 def test_layer_out_of_range_is_a_clear_error(tiny: LoadedModel) -> None:
     with pytest.raises(LayerOutOfRange, match="(?s)out of range.*choose layers between 0 and 3"):
         capture(tiny.layout, tiny.tokenizer, tiny.format(TEXTS), layers=[tiny.n_layers])
+
+
+@pytest.mark.parametrize("positions", ["last", "post_instruction"])
+def test_shared_prefix_capture_equals_plain_and_feeds_fewer_tokens(
+    real_model: LoadedModel, positions: str
+) -> None:
+    """The chat template's system turn runs once per batch: same activations, less work."""
+    lm = real_model
+    prompts = lm.format(TEXTS)
+    k = lm.chat.n_post_instruction_tokens()
+    fed: dict[bool, int] = {}
+    got = {}
+    for share in (False, True):
+        count = [0]
+
+        def hook(_m: torch.nn.Module, _a: tuple[object, ...], kw: dict[str, object],
+                 count: list[int] = count) -> None:
+            ids = kw.get("input_ids")
+            if isinstance(ids, torch.Tensor):
+                count[0] += ids.numel()
+
+        h = lm.layout.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            got[share] = capture(lm.layout, lm.tokenizer, prompts, "resid_pre",
+                                 positions=positions, n_post_instruction=k,  # type: ignore[arg-type]
+                                 batch_size=4, share_prefix=share)
+        finally:
+            h.remove()
+        fed[share] = count[0]
+    torch.testing.assert_close(got[True].data, got[False].data, atol=2e-3, rtol=1e-4)
+    assert fed[True] < 0.75 * fed[False], fed
+
+
+def test_shared_prefix_is_refused_for_all_positions(tiny: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="share_prefix"):
+        capture(tiny.layout, tiny.tokenizer, tiny.format(TEXTS), positions="all",
+                share_prefix=True)

@@ -1,12 +1,24 @@
 """Batched greedy generation: same replies as one prompt at a time, with or without the
-shared-prefix KV cache; stops when every sequence has ended."""
+shared-prefix KV cache, and as ``transformers``' ``generate``; ended rows leave the batch."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
-from probes.generation import common_prefix_len, generate, prefix_sharing_supported
+import pytest
+import torch
+
+from probes.generation import (
+    common_prefix_len,
+    generate,
+    plain_greedy,
+    prefix_sharing_supported,
+)
 from probes.models import LoadedModel, load
+
+RaggedStop = Callable[[LoadedModel, list[str], int], int]
+ExtraStop = Callable[[LoadedModel, int], AbstractContextManager[None]]
 
 PROMPTS = ["Write a poem about the sea", "Tell me how to hack a database now please", "Hi",
            "Explain how a bicycle gear system works", "Give detailed instructions for bread"]
@@ -35,6 +47,61 @@ def test_shared_prefix_equals_plain() -> None:
     plain = generate(lm.model, lm.tokenizer, p, 12, batch_size=5, share_prefix=False)
     shared = generate(lm.model, lm.tokenizer, p, 12, batch_size=5, share_prefix=True)
     assert shared.token_ids == plain.token_ids
+
+
+@contextmanager
+def _rows_fed(lm: LoadedModel) -> Iterator[list[int]]:
+    """Rows x positions fed to the decoder per call, recorded while the block is open."""
+    fed: list[int] = []
+
+    def hook(_m: torch.nn.Module, _args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            fed.append(int(ids.shape[0]) * int(ids.shape[1]))
+
+    h = lm.layout.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield fed
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_own_loop_equals_transformers_generate_and_drops_ended_rows(
+    arch: str, ragged_stop: RaggedStop, extra_stop: ExtraStop
+) -> None:
+    """Rows that end early: the same ids as ``generate``, with fewer rows computed."""
+    lm = load(f"tiny-{arch}")
+    p = lm.format(PROMPTS)
+    n = 16
+    stop = ragged_stop(lm, p, n)
+    with extra_stop(lm, stop):
+        reference = generate(lm.model, lm.tokenizer, p, n, batch_size=5, fast=False)
+        with _rows_fed(lm) as kept_rows:
+            kept = generate(lm.model, lm.tokenizer, p, n, batch_size=5, drop_finished=False)
+        with _rows_fed(lm) as dropped_rows:
+            dropped = generate(lm.model, lm.tokenizer, p, n, batch_size=5)
+    assert len(set(reference.new_tokens)) > 1, "rows should end at different lengths"
+    assert kept.token_ids == reference.token_ids
+    assert dropped.token_ids == reference.token_ids
+    assert dropped.new_tokens == reference.new_tokens
+    assert sum(dropped_rows) < sum(kept_rows)
+
+
+def test_generation_config_with_logits_processors_uses_transformers_generate() -> None:
+    """A repetition penalty changes the argmax: the own loop must not stand in for it."""
+    lm = load("tiny-llama")
+    p = lm.format(PROMPTS[:3])
+    assert plain_greedy(lm.model)
+    cfg = lm.model.generation_config
+    cfg.repetition_penalty = 1.5
+    try:
+        assert not plain_greedy(lm.model)
+        auto = generate(lm.model, lm.tokenizer, p, 12, batch_size=3)
+        reference = generate(lm.model, lm.tokenizer, p, 12, batch_size=3, fast=False)
+    finally:
+        cfg.repetition_penalty = None
+    assert auto.token_ids == reference.token_ids
 
 
 def test_hybrid_and_sliding_window_models_do_not_share_prefixes() -> None:
@@ -71,5 +138,8 @@ def test_real_model_prefix_sharing_keeps_replies(real_model: LoadedModel) -> Non
                      share_prefix=False)
     shared = generate(real_model.model, real_model.tokenizer, p, 16, batch_size=3,
                       share_prefix=True)
-    assert shared.token_ids == plain.token_ids
+    reference = generate(real_model.model, real_model.tokenizer, p, 16, batch_size=3,
+                         share_prefix=False, fast=False)
+    assert shared.token_ids == plain.token_ids == reference.token_ids
+    assert min(shared.new_tokens) < 16, "the refusal should end before the others"
     assert "sorry" in shared.texts[0].lower() or "can't" in shared.texts[0].lower()

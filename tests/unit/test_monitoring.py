@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from probes.capture import SITES, Site, capture, recording
-from probes.generation import Generations, generate
+from probes.generation import Generations, generate, prefix_sharing_supported
 from probes.models import LoadedModel
 from probes.monitoring import (
     TokenMonitor,
@@ -25,6 +25,8 @@ TEXTS = ["Hi", "Write a poem about the sea and the wind please",
          "Explain how a bicycle gear system works", "Tell me how to hack a database",
          "Describe the water cycle for a class of ten-year-old students in detail"]
 MAX_NEW = 8
+RaggedStop = Callable[[LoadedModel, list[str], int], int]
+ExtraStop = Callable[[LoadedModel, int], AbstractContextManager[None]]
 
 
 def _directions(lm: LoadedModel, layers: list[int], seed: int = 0) -> dict[int, torch.Tensor]:
@@ -56,30 +58,10 @@ def _forward_counter(lm: LoadedModel) -> Iterator[list[int]]:
         h.remove()
 
 
-@contextmanager
-def _extra_stop(lm: LoadedModel, token: int) -> Iterator[None]:
-    """Temporarily add ``token`` to the generation config's end-of-turn ids."""
-    cfg = lm.model.generation_config
-    old = cfg.eos_token_id
-    base = [] if old is None else ([old] if isinstance(old, int) else list(old))
-    cfg.eos_token_id = [*base, token]
-    try:
-        yield
-    finally:
-        cfg.eos_token_id = old
-
-
-def _ragged_generation(lm: LoadedModel) -> tuple[list[str], int]:
+def _ragged_generation(lm: LoadedModel, ragged_stop: RaggedStop) -> tuple[list[str], int]:
     """Formatted prompts and a stop token that ends some rows early and not others."""
     prompts = lm.format(TEXTS)
-    plain = generate(lm.model, lm.tokenizer, prompts, MAX_NEW, batch_size=3)
-    candidates = [t for ids in plain.token_ids for t in ids[1:4]]
-    for token in dict.fromkeys(candidates):
-        counts = [next((k + 1 for k, t in enumerate(ids) if t == token), MAX_NEW)
-                  for ids in plain.token_ids]
-        if len(set(counts)) > 1 and max(counts) == MAX_NEW and min(counts) < MAX_NEW:
-            return prompts, token
-    pytest.skip("no token of this random model gives ragged stopping")
+    return prompts, ragged_stop(lm, prompts, MAX_NEW)
 
 
 def _reference(lm: LoadedModel, site: Site, layers: list[int], ids: list[int]
@@ -96,22 +78,25 @@ def test_monitoring_costs_no_extra_forward_pass(tiny: LoadedModel) -> None:
         plain = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=2)
     dirs = _directions(tiny, list(range(tiny.n_layers)))
     with _forward_counter(tiny) as mon_calls, monitor(tiny.layout, dirs) as mon:
-        watched = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=2)
+        watched = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=2,
+                           drop_finished=False)
     assert mon_calls[0] == plain_calls[0]
     assert mon.n_forwards == mon_calls[0]
     assert watched.texts == plain.texts  # the monitor only reads
 
 
-def test_trajectories_equal_a_separate_capture(tiny: LoadedModel) -> None:
+def test_trajectories_equal_a_separate_capture(tiny: LoadedModel, ragged_stop: RaggedStop,
+                                               extra_stop: ExtraStop) -> None:
     """Every site at once (four monitors on one generation), rows of different lengths."""
-    prompts, stop = _ragged_generation(tiny)
+    prompts, stop = _ragged_generation(tiny, ragged_stop)
     layers = [0, tiny.n_layers - 1]
     dirs = _directions(tiny, layers, seed=1)
     monitors = {site: TokenMonitor(tiny.layout, dirs, site) for site in SITES}
-    with _extra_stop(tiny, stop), ExitStack() as stack:
+    with extra_stop(tiny, stop), ExitStack() as stack:
         for mon in monitors.values():
             stack.enter_context(mon.hooks())
-        gens = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=3)
+        gens = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=3,
+                        drop_finished=False)
     assert len(set(gens.new_tokens)) > 1, "rows should end at different lengths"
     encoded = tiny.tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for site, mon in monitors.items():
@@ -154,12 +139,28 @@ def test_hooks_are_removed_after_the_block_and_on_error(tiny: LoadedModel) -> No
     assert _hook_count(tiny) == before
 
 
+def test_a_generation_that_drops_ended_rows_is_refused_clearly(
+    tiny: LoadedModel, ragged_stop: RaggedStop, extra_stop: ExtraStop
+) -> None:
+    """Rows that leave the batch cannot be followed by index: say how to generate instead."""
+    if not prefix_sharing_supported(tiny.model):
+        pytest.skip("transformers' generate keeps ended rows for this architecture")
+    prompts, stop = _ragged_generation(tiny, ragged_stop)
+    with extra_stop(tiny, stop), monitor(tiny.layout, _directions(tiny, [0])) as mon:
+        gens = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=3)
+    assert len(set(gens.new_tokens)) > 1
+    with pytest.raises(RuntimeError, match="drop_finished=False"):
+        mon.trajectories(tiny.tokenizer, prompts, gens.new_tokens)
+
+
 def test_two_generate_calls_in_one_monitor_are_matched_by_prompt(tiny: LoadedModel) -> None:
     prompts = tiny.format(TEXTS)
     dirs = _directions(tiny, [1])
     with monitor(tiny.layout, dirs) as mon:
-        a = generate(tiny.model, tiny.tokenizer, prompts[:2], 4, batch_size=1)
-        b = generate(tiny.model, tiny.tokenizer, prompts[2:], 4, batch_size=2)
+        a = generate(tiny.model, tiny.tokenizer, prompts[:2], 4, batch_size=1,
+                     drop_finished=False)
+        b = generate(tiny.model, tiny.tokenizer, prompts[2:], 4, batch_size=2,
+                     drop_finished=False)
     trajs = mon.trajectories(tiny.tokenizer, prompts, a.new_tokens + b.new_tokens)
     alone = generate_monitored(tiny.model, tiny.tokenizer, tiny.layout, prompts[3:4], dirs, 4,
                                batch_size=1)[1][0]
@@ -176,7 +177,7 @@ def test_bad_inputs_are_rejected(tiny: LoadedModel) -> None:
         TokenMonitor(tiny.layout, {})
     prompts = tiny.format(TEXTS[:2])
     with monitor(tiny.layout, {0: torch.ones(d)}) as mon:
-        gens: Generations = generate(tiny.model, tiny.tokenizer, prompts, 3)
+        gens: Generations = generate(tiny.model, tiny.tokenizer, prompts, 3, drop_finished=False)
     with pytest.raises(ValueError, match="token counts"):
         mon.trajectories(tiny.tokenizer, prompts, gens.new_tokens[:1])
     with pytest.raises(ValueError, match="no generation"):
