@@ -94,7 +94,7 @@ class Settings:
                        dose_alphas="-1,0,1", dose_per_class=4, matmul_sizes=(2048,),
                        matmul_repeats=3, cold_load=bool(cold_load), memory=memory)
         return cls(quick=False, repeats=repeats or 3, load_repeats=max(3, repeats or 3),
-                   n_acts=128, n_compare=256, batch_size=32, gen_batch_sizes=(1, 8, 32, 64),
+                   n_acts=128, n_compare=256, batch_size=64, gen_batch_sizes=(1, 8, 32, 64),
                    gen_bs1_prompts=4, new_tokens=48, n_steer=40, steer_alpha=0.5,
                    dose_alphas="-2:2:0.25", dose_per_class=20, matmul_sizes=(2048, 3072, 4096),
                    matmul_repeats=5, cold_load=cold_load is not False, memory=memory)
@@ -537,7 +537,7 @@ class Run:
     # -- C: issue 9 ----------------------------------------------------------------------
     def section_compare_acts(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                              ) -> None:
-        from benchmarks.perf_report import Figure, median
+        from benchmarks.perf_report import Figure, Target, median
         from benchmarks.perf_work import Inputs, Unavailable, Workloads, interleaved
         from probes.capture import Activations
 
@@ -577,6 +577,8 @@ class Run:
                           t_cold, "s", samples=secs["suite"], note="capture, cache disabled"))
         report.add(Figure("cmp.acts.suite_warm_s", sec, f"suite warm, {n} prompts",
                           t_warm, "s", samples=reads["cache"], note="activation cache read"))
+        report.add(Figure("cmp.acts.warm_over_cold", sec, "suite warm / suite cold",
+                          t_warm / t_cold, "x", target=Target("<=", 1 / 20, "issue 9: 20x")))
         notes = {
             "transformer-lens": "TransformerBridge.run_with_cache(names_filter=resid_pre, "
                                 "pos_slice=-1), same batches",
@@ -602,8 +604,11 @@ class Run:
                               samples=secs[label],
                               note=f"max |diff| vs suite {diff:.1e}; " + notes[label],
                               extra={"max_abs_diff_vs_suite": diff}))
+            goal = {"tl": Target("<=", 1 / 1.5, "issue 9: 1.5x faster"),
+                    "sv": Target("<=", 1.0, "issue 9")}.get(key)
             report.add(Figure(fid + "_ratio_cold", sec, f"suite cold / {label}",
-                              t_cold / t_peer, "x", note="time ratio, < 1: the suite is faster"))
+                              t_cold / t_peer, "x", target=goal,
+                              note="time ratio, < 1: the suite is faster"))
             report.add(Figure(fid + "_ratio_warm", sec, f"suite warm / {label}",
                               t_warm / t_peer, "x"))
         del outs, tasks
@@ -619,7 +624,7 @@ class Run:
 
     def section_compare_steer(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                               ) -> None:
-        from benchmarks.perf_report import Figure, median
+        from benchmarks.perf_report import Figure, Target, median
         from benchmarks.perf_work import Inputs, Unavailable, Workloads, interleaved
 
         s, p = self.s, self.progress
@@ -642,9 +647,22 @@ class Run:
           f"{layer}, alpha {s.steer_alpha} (raw); interleaved x {s.repeats}")
         secs, outs = interleaved(tasks, s.repeats, p)
         t_suite = median(secs["suite"])
+        gens = outs["suite"]
+        outs["suite"] = gens.texts
         report.add(Figure("cmp.steer.suite_s", sec,
                           f"suite: steer + generate ({s.n_steer} x {s.new_tokens})", t_suite,
-                          "s", samples=secs["suite"], note=f"batch {s.batch_size}"))
+                          "s", samples=secs["suite"],
+                          note=f"batch {s.batch_size}: "
+                               f"{-(-s.n_steer // s.batch_size)} batch(es) of up to "
+                               f"{min(s.batch_size, s.n_steer)}"))
+        roof = self.measure_roofline()
+        bound = roof["gflops"] * 1e9 / report.info["flops_per_token"]
+        rates = [gens.total_new_tokens / t for t in secs["suite"]]
+        report.add(Figure("cmp.steer.suite_fraction", sec,
+                          "suite steered tokens/s / compute-bound", median(rates) / bound,
+                          "fraction", target=Target(">=", 0.30, "issue 9"),
+                          note=f"{median(rates):.0f} tok/s ({gens.total_new_tokens} new tokens; "
+                               f"prompt prefill is extra work) / {bound:.0f} tok/s"))
         notes = {"steering-vectors": "SteeringVector.apply + model.generate, same batches",
                  "1-by-1 loop": "steer + model.generate per prompt (the seed's loop)"}
         for label, key in (("steering-vectors", "sv"), ("1-by-1 loop", "loop")):
@@ -659,8 +677,10 @@ class Run:
                               note=f"same text as the suite {same}/{len(outs['suite'])}; "
                                    + notes[label],
                               extra={"same_text": same, "n": len(outs["suite"])}))
+            goal = Target("<=", 1.0 if key == "sv" else 0.1,
+                          "issue 9" if key == "sv" else "issue 9: 10x")
             report.add(Figure(fid + "_ratio", sec, f"suite / {label}", t_suite / t_peer, "x",
-                              note="time ratio, < 1: the suite is faster"))
+                              target=goal, note="time ratio, < 1: the suite is faster"))
         del outs, tasks
         gc.collect()
         if s.memory:

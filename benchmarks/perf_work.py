@@ -346,9 +346,9 @@ class Workloads:
         prompts, lm, n = self.gen_prompts(), self.lm, self.inputs.new_tokens
         plan, bs = self._steer_plan(), self.inputs.batch_size
 
-        def run() -> list[str]:
+        def run() -> Any:
             with steer(lm.layout, plan):
-                return generate(lm.model, lm.tokenizer, prompts, n, batch_size=bs).texts
+                return generate(lm.model, lm.tokenizer, prompts, n, batch_size=bs)
 
         return run
 
