@@ -14,7 +14,7 @@ Sections (default: all but ``doseresponse``):
   RSS of a fresh process doing warm load + capture + cache write/read.
 * ``generation`` (issue 5): greedy ``probes.generation.generate`` throughput (new tokens/s)
   at batch sizes 1, 8, 32, 64 (48 new tokens), the batch-32/batch-1 speed-up and a roofline:
-  the machine's matmul GFLOP/s in the run's dtype (--dtype, default bfloat16) over the
+  the machine's matmul GFLOP/s in the run's dtype (--dtype, default auto) over the
   model's FLOPs per token (2 x parameters,
   lm_head included) is the compute-bound tokens/s; each throughput is given as a fraction.
 * ``doseresponse`` (issue 5, opt-in, minutes): the default 17-alpha dose-response workload
@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-load", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the cold (GGUF) load (default: on, off with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="dtype of every model and of the matmul roofline (default bfloat16, "
-                        "the benchmark suite's default)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of every model and of the matmul roofline (default auto, as the "
+                        "benchmark suite: bfloat16 on CPUs with AVX512-BF16/AMX, else float32)")
     return p
 
 
@@ -750,13 +750,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from benchmarks.perf_work import DTYPE_ENV
-    from probes.models import parse_dtype
+    from probes.models import dtype_name, parse_dtype
 
     try:
-        parse_dtype(args.dtype)
+        dtype = dtype_name(parse_dtype(args.dtype))
     except ValueError as exc:
         parser.error(str(exc))
-    os.environ[DTYPE_ENV] = args.dtype  # child processes load in the same dtype
+    os.environ[DTYPE_ENV] = dtype  # child processes load in the same dtype ("auto" resolved)
 
     from benchmarks.perf_report import machine_info, now_iso, render_table, target_text
     from benchmarks.perf_work import max_rss_bytes

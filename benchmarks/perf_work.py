@@ -553,7 +553,9 @@ DTYPE_ENV = "REFUSALBENCH_PERF_DTYPE"
 
 def perf_dtype() -> str:
     """The dtype every model of the run is loaded in (``--dtype``; children inherit it)."""
-    return os.environ.get(DTYPE_ENV, "bfloat16")
+    from probes.models import dtype_name, parse_dtype
+
+    return dtype_name(parse_dtype(os.environ.get(DTYPE_ENV, "auto")))
 
 
 def matmul_gflops(size: int, repeats: int) -> list[float]:

@@ -126,13 +126,36 @@ def known_aliases() -> list[str]:
     return sorted([*_ALIASES, *(f"tiny-{a}" for a in TINY_ARCHS)])
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The torch dtype for ``name``; ``auto`` is :func:`auto_dtype` for ``device``."""
+    if name.lower() == "auto":
+        return auto_dtype(device)
     try:
         return _DTYPES[name.lower()]
     except KeyError:
         raise ValueError(
-            f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}"
+            f"unknown dtype {name!r}; choose auto or one of {', '.join(sorted(_DTYPES))}"
         ) from None
+
+
+def auto_dtype(device: str = "cpu") -> torch.dtype:
+    """bfloat16 where the hardware computes it natively, float32 elsewhere.
+
+    On a CPU without AVX512-BF16 or AMX, torch emulates bfloat16 matrix products: measured on
+    an AVX2-only 2-core EPYC, a 2048^2 matmul ran at 0.3 GFLOP/s in bfloat16 against 123 in
+    float32, and capture was 13x slower. On CUDA, bfloat16 where the card supports it.
+    """
+    if device.startswith("cuda"):
+        return torch.bfloat16 if (torch.cuda.is_available()
+                                  and torch.cuda.is_bf16_supported()) else torch.float32
+    if device == "cpu":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:

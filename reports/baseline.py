@@ -115,7 +115,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
             result.new_cells[key] = _cell(after)
         result.rows.append(_compare_one(key, before, after, new_outcomes))
     result.fingerprint_changes = _fingerprint_changes(old, new)
-    result.notes = _registry_notes(old, new)
+    result.notes = _registry_notes(old, new) + _dtype_notes(old, new)
     return result
 
 
@@ -210,6 +210,28 @@ def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[
     before, after = by_name(old), by_name(new)
     return [
         {"model": name, "old": sorted(before[name]), "new": sorted(after[name])}
+        for name in sorted(set(before) & set(after))
+        if before[name] != after[name]
+    ]
+
+
+def _dtype_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """A model run in another dtype than in the baseline (``--dtype auto`` picks bfloat16 or
+    float32 by the CPU): its figures move in the low digits, which the gate should not read
+    as a change of the model."""
+    def by_name(doc: dict[str, Any]) -> dict[str, set[str]]:
+        names: dict[str, set[str]] = {}
+        for model in doc["provenance"]["models"]:
+            dtype = model.get("info", {}).get("dtype")
+            if dtype is not None:
+                names.setdefault(model["name"], set()).add(str(dtype).removeprefix("torch."))
+        return names
+
+    before, after = by_name(old), by_name(new)
+    return [
+        f"model {name!r}: dtype {', '.join(sorted(before[name]))} in the baseline, "
+        f"{', '.join(sorted(after[name]))} now: figures differ in the low digits; to compare "
+        f"like with like, rerun with --dtype {sorted(before[name])[0]} (or update the baseline)"
         for name in sorted(set(before) & set(after))
         if before[name] != after[name]
     ]

@@ -158,3 +158,17 @@ def test_output_head_reads_a_contiguous_input(arch: str, tmp_path: Path) -> None
 
 def test_native_bf16_probe_answers_a_bool() -> None:
     assert isinstance(models.native_bf16(), bool)
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16),
+                                                    (False, torch.float32)])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(models, "native_bf16", lambda: native)
+    assert models.parse_dtype("auto") == expected
+    assert models.parse_dtype("AUTO", "cpu") == expected
+    assert models.parse_dtype("auto", "mps") == torch.float32
+    assert models.parse_dtype("bfloat16") == torch.bfloat16  # an explicit choice stands
+    with pytest.raises(ValueError, match="choose auto or one of"):
+        models.parse_dtype("float7")

@@ -81,3 +81,23 @@ def test_models_and_layers_parametrise_with_readable_ids(pytester: pytest.Pytest
     out = result.stdout.str()
     for node in ("tiny-llama-L00", "tiny-llama-L03", "tiny-qwen3_next-L00", "tiny-qwen3_next-L03"):
         assert node in out
+
+
+DTYPE_TEST = """
+import torch
+from probes.models import auto_dtype
+
+def test_dtype(bench, layer):
+    assert bench.cfg.dtype == str(auto_dtype("cpu")).removeprefix("torch.")
+    assert bench.lm.dtype == auto_dtype("cpu")
+"""
+
+
+def test_dtype_auto_is_the_default_and_resolves_before_loading(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(ROOT_CONFTEST)
+    pytester.makepyfile(test_d=DTYPE_TEST)
+    result = pytester.runpytest_subprocess("--model", "tiny-llama", "--layers", "0",
+                                           "--no-report", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

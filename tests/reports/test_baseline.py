@@ -25,7 +25,7 @@ SUITE = """
     @pytest.mark.claim("GT-HALF")
     def test_effect(measure):
         s = state()
-        measure.model("tiny-a", s["fingerprint"])
+        measure.model("tiny-a", s["fingerprint"], dtype=s.get("dtype", "torch.float32"))
         v = s["effect"]
         measure.check("GT-HALF", v, ci=(v - 0.2, v + 0.2))
 
@@ -133,6 +133,23 @@ def test_fingerprint_change_is_reported(suite: Bench) -> None:
     result = suite.run("--baseline=base.json")
     assert result.ret == 0
     assert "model 'tiny-a': fingerprint changed fp-1 -> fp-2" in result.stdout.str()
+
+
+def test_dtype_change_is_reported_with_the_flag_that_matches(suite: Bench) -> None:
+    make_baseline(suite, 0.9, dtype="torch.bfloat16")
+    set_state(suite, 0.9, dtype="torch.float32")
+    result = suite.run("--baseline=base.json")
+    assert result.ret == 0
+    assert ("model 'tiny-a': dtype bfloat16 in the baseline, float32 now" in
+            result.stdout.str())
+    assert "rerun with --dtype bfloat16" in result.stdout.str()
+
+
+def test_same_dtype_adds_no_note(suite: Bench) -> None:
+    make_baseline(suite, 0.9, dtype="torch.float32")
+    result = suite.run("--baseline=base.json")
+    assert "in the baseline," not in result.stdout.str()
+    assert result.ret == 0
 
 
 def test_missing_results_are_listed_not_failed(suite: Bench) -> None:
