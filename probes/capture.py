@@ -20,6 +20,8 @@ after the deepest requested layer. Hooks are removed in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,13 +183,31 @@ def prefix_sharing_supported(model: Any) -> bool:
     return not getattr(cfg, "use_sliding_window", False)
 
 
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword ``module.forward`` takes its KV cache by: ``cache`` from transformers 5.24
+    on, ``past_key_values`` before (5.24 still accepts the old name with a deprecation
+    warning; it goes in 5.40)."""
+    return _cache_kwarg_of(type(module))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{<the module's cache keyword>: cache}``, to splat into a forward call."""
+    return {cache_kwarg(module): cache}
+
+
 def prefix_kv_cache(decoder: nn.Module, prefix: torch.Tensor, rows: int) -> Any:
     """A KV cache holding ``prefix`` (``[1, p]`` token ids) once per row, computed once."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), past_key_values=cache,
-            use_cache=True)
+    decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+            **with_cache(decoder, cache), use_cache=True)
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -294,7 +314,8 @@ def capture(
             batch_lengths.append(mask.sum(-1).cpu())
         with (recording(layout, site, chosen, select, stop_after=True) as sinks,
               contextlib.suppress(_StopForward)):
-            layout.decoder(**batch, past_key_values=cache, use_cache=cache is not None)
+            layout.decoder(**batch, **with_cache(layout.decoder, cache),
+                           use_cache=cache is not None)
         for layer in chosen:
             per_layer[layer].extend(sinks[layer])
         done += len(idx)

@@ -25,6 +25,7 @@ from probes.capture import (
     prefix_kv_cache,
     prefix_sharing_supported,
     split_prefix_batch,
+    with_cache,
 )
 
 __all__ = ["Generations", "common_prefix_len", "generate", "plain_greedy",
@@ -98,7 +99,7 @@ def _greedy_decode(
     cache = _cache_for(model, input_ids, p, b)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions[:, p:],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     nxt = _greedy_pick(out.logits)
     last_pos = positions[:, -1]
     stop_set = set(int(s) for s in stops)
@@ -125,7 +126,7 @@ def _greedy_decode(
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    **with_cache(model, cache), use_cache=True)
         nxt = _greedy_pick(out.logits)
     return new
 
@@ -179,7 +180,7 @@ def _generate_batch(
                               drop_finished)
     kwargs: dict[str, Any] = {}
     if p > 0:
-        kwargs["past_key_values"] = _cache_for(model, input_ids, p, b)
+        kwargs.update(with_cache(model, _cache_for(model, input_ids, p, b)))
     width = input_ids.shape[1]
     out = model.generate(
         input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,

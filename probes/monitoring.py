@@ -169,7 +169,8 @@ class TokenMonitor:
                 return
             batch, fed = ids.shape[0], ids.shape[1]
             mask = kwargs.get("attention_mask")
-            cache = kwargs.get("past_key_values")
+            # "cache" from transformers 5.24 on, "past_key_values" before
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 full = mask.detach().to("cpu", torch.bool)
             elif mask is None:  # generate drops an all-ones mask: every position is real

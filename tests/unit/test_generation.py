@@ -143,3 +143,22 @@ def test_real_model_prefix_sharing_keeps_replies(real_model: LoadedModel) -> Non
     assert shared.token_ids == plain.token_ids == reference.token_ids
     assert min(shared.new_tokens) < 16, "the refusal should end before the others"
     assert "sorry" in shared.texts[0].lower() or "can't" in shared.texts[0].lower()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+def test_cache_keyword_is_one_the_installed_transformers_takes(arch: str) -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until
+    5.40); the suite passes whichever the model's forward declares, so no call warns."""
+    import inspect
+    import warnings
+
+    from probes.capture import cache_kwarg, prefix_kv_cache
+
+    lm = load(f"tiny-{arch}")
+    for module in (lm.model, lm.layout.decoder):
+        assert cache_kwarg(module) in inspect.signature(type(module).forward).parameters
+    if arch == "llama":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = prefix_kv_cache(lm.layout.decoder, torch.tensor([[1, 2, 3]]), 2)
+        assert cache.get_seq_length() == 3
