@@ -20,7 +20,6 @@ after the deepest requested layer. Hooks are removed in ``finally``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -187,13 +186,14 @@ def cache_kwarg(module: nn.Module) -> str:
     """The keyword ``module.forward`` takes its KV cache by: ``cache`` from transformers 5.24
     on, ``past_key_values`` before (5.24 still accepts the old name with a deprecation
     warning; it goes in 5.40)."""
-    return _cache_kwarg_of(type(module))
+    cls = type(module)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
 
 
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
-    return "cache" if "cache" in params else "past_key_values"
+_CACHE_KWARG: dict[type, str] = {}
 
 
 def with_cache(module: nn.Module, cache: Any) -> dict[str, Any]:
@@ -205,7 +205,8 @@ def prefix_kv_cache(decoder: nn.Module, prefix: torch.Tensor, rows: int) -> Any:
     """A KV cache holding ``prefix`` (``[1, p]`` token ids) once per row, computed once."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=decoder.config)
+    config: Any = decoder.config
+    cache = DynamicCache(config=config)
     decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix),
             **with_cache(decoder, cache), use_cache=True)
     cache.batch_repeat_interleave(rows)
