@@ -118,6 +118,7 @@ def test_provenance(bench: Bench) -> None:
     assert prov["packages"]["pytest"] == pytest.__version__
     assert set(prov["git"]) >= {"commit", "dirty"}
     assert prov["machine"]["cpu_count"] >= 1
+    assert prov["machine"]["native_bf16"] in (True, False)  # decides --dtype auto
     assert prov["python"]["version"].startswith("3.")
     assert prov["started_at"] <= prov["finished_at"]
     assert prov["seed"] is None  # no --seed option without the fixtures plugin
