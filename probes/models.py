@@ -143,7 +143,8 @@ def auto_dtype(device: str = "cpu") -> torch.dtype:
 
     On a CPU without AVX512-BF16 or AMX, torch emulates bfloat16 matrix products: measured on
     an AVX2-only 2-core EPYC, a 2048^2 matmul ran at 0.3 GFLOP/s in bfloat16 against 123 in
-    float32, and capture was 13x slower. On CUDA, bfloat16 where the card supports it.
+    float32, and all-layer capture took 7.5x longer per prompt. On CUDA, bfloat16 where the
+    card supports it.
     """
     if device.startswith("cuda"):
         return torch.bfloat16 if (torch.cuda.is_available()

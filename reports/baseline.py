@@ -9,6 +9,7 @@ present on one side only, skips and fixed errors are listed but do not fail the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -200,14 +201,19 @@ def _row_key(row: Row) -> Key:
     return (row.model or "", row.nodeid, row.hypothesis, row.label)
 
 
-def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    def by_name(doc: dict[str, Any]) -> dict[str, set[str]]:
-        names: dict[str, set[str]] = {}
-        for model in doc["provenance"]["models"]:
-            names.setdefault(model["name"], set()).add(model["fingerprint"])
-        return names
+def _per_model(doc: dict[str, Any], value: Callable[[dict[str, Any]], str | None]
+               ) -> dict[str, set[str]]:
+    """``value`` of every provenance model entry, collected per model name (None skipped)."""
+    names: dict[str, set[str]] = {}
+    for model in doc["provenance"]["models"]:
+        v = value(model)
+        if v is not None:
+            names.setdefault(model["name"], set()).add(v)
+    return names
 
-    before, after = by_name(old), by_name(new)
+
+def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    before, after = (_per_model(d, lambda m: str(m["fingerprint"])) for d in (old, new))
     return [
         {"model": name, "old": sorted(before[name]), "new": sorted(after[name])}
         for name in sorted(set(before) & set(after))
@@ -219,15 +225,11 @@ def _dtype_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """A model run in another dtype than in the baseline (``--dtype auto`` picks bfloat16 or
     float32 by the CPU): its figures move in the low digits, which the gate should not read
     as a change of the model."""
-    def by_name(doc: dict[str, Any]) -> dict[str, set[str]]:
-        names: dict[str, set[str]] = {}
-        for model in doc["provenance"]["models"]:
-            dtype = model.get("info", {}).get("dtype")
-            if dtype is not None:
-                names.setdefault(model["name"], set()).add(str(dtype).removeprefix("torch."))
-        return names
+    def dtype(model: dict[str, Any]) -> str | None:
+        raw = model.get("info", {}).get("dtype")
+        return None if raw is None else str(raw).removeprefix("torch.")
 
-    before, after = by_name(old), by_name(new)
+    before, after = (_per_model(d, dtype) for d in (old, new))
     return [
         f"model {name!r}: dtype {', '.join(sorted(before[name]))} in the baseline, "
         f"{', '.join(sorted(after[name]))} now: figures differ in the low digits; to compare "

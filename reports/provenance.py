@@ -92,11 +92,11 @@ def _cpu_math() -> dict[str, Any]:
     try:
         import torch
 
-        capability = str(torch.backends.cpu.get_cpu_capability())
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (ImportError, AttributeError, RuntimeError):
+        from probes.models import native_bf16  # the probe --dtype auto uses
+    except ImportError:
         return {"cpu_capability": None, "native_bf16": None}
-    return {"cpu_capability": capability, "native_bf16": native}
+    return {"cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "native_bf16": native_bf16()}
 
 
 def python_info() -> dict[str, Any]:
