@@ -64,7 +64,7 @@ import scipy.stats
 from fixtures.workbench import Workbench
 from probes import judges
 from probes.generation import Generations
-from probes.interventions import SteeringPlan, plan_ratio, plan_raw, steer
+from probes.interventions import SteeringPlan, plan_ratio, plan_raw
 from probes.stats import DoseResponseFit, fit_dose_response, spearman, wilson_interval
 from prompts import PromptSet
 
@@ -186,28 +186,42 @@ def coherence_rule(model_name: str = PERPLEXITY_CALIBRATED_FOR) -> str:
     return "not degenerate (probes.judges.PERPLEXITY_THRESHOLD is not calibrated: no ppl rule)"
 
 
-def judge_replies(bench: Workbench, prompts: PromptSet, gens: Generations, key: str) -> Judged:
-    """Refusal, degeneracy, perplexity and coherence of ``gens``. Perplexity is computed
-    under the unmodified model (no hook is open here) and only for replies that are not
-    already degenerate, since those are incoherent whatever their perplexity."""
-    texts = list(gens.texts)
-    refusal = judges.refusal_judge(texts)
-    degenerate = judges.degeneracy_judge(texts, "latin")
-    ppl = np.full(len(texts), np.nan)
-    todo = [i for i, t in enumerate(texts) if not degenerate[i] and t.strip()]
-    if todo:
-        formatted = bench.lm.format([prompts.texts[i] for i in todo])
-        ppl[todo] = judges.perplexity(bench.lm.model, bench.lm.tokenizer, formatted,
-                                      [texts[i] for i in todo], batch_size=16)
+def judge_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, Generations, str]]
+               ) -> list[Judged]:
+    """Refusal, degeneracy, perplexity and coherence of each arm's replies. Perplexity is
+    computed under the unmodified model (no hook is open here) and only for replies that
+    are not already degenerate, since those are incoherent whatever their perplexity; the
+    replies of all arms are scored in one call, so each prompt is run once for all the
+    arms that replied to it (:func:`probes.judges.perplexity`)."""
+    parts = []
+    all_prompts: list[str] = []
+    all_replies: list[str] = []
+    for prompts, gens, _key in arms:
+        texts = list(gens.texts)
+        degenerate = judges.degeneracy_judge(texts, "latin")
+        todo = [i for i, t in enumerate(texts) if not degenerate[i] and t.strip()]
+        parts.append((texts, degenerate, todo, len(all_prompts)))
+        all_prompts += [prompts.texts[i] for i in todo]
+        all_replies += [texts[i] for i in todo]
+    scored = np.full(len(all_prompts), np.nan)
+    if all_prompts:
+        scored = judges.perplexity(bench.lm.model, bench.lm.tokenizer,
+                                   bench.lm.format(all_prompts), all_replies, batch_size=16)
     threshold = perplexity_threshold()
-    if math.isfinite(threshold):
-        with np.errstate(invalid="ignore"):
-            coherent = ~degenerate & (ppl <= threshold)
-    else:
-        coherent = ~degenerate.copy()
-    return Judged(key, tuple(prompts.texts), tuple(texts), refusal, degenerate, ppl,
-                  np.asarray(coherent, dtype=np.bool_), float(gens.seconds),
-                  int(sum(gens.new_tokens)))
+    out = []
+    for (prompts, gens, key), (texts, degenerate, todo, at) in zip(arms, parts, strict=True):
+        ppl = np.full(len(texts), np.nan)
+        ppl[todo] = scored[at : at + len(todo)]
+        if math.isfinite(threshold):
+            with np.errstate(invalid="ignore"):
+                coherent = ~degenerate & (ppl <= threshold)
+        else:
+            coherent = ~degenerate.copy()
+        out.append(Judged(key, tuple(prompts.texts), tuple(texts),
+                          judges.refusal_judge(texts), degenerate, ppl,
+                          np.asarray(coherent, dtype=np.bool_), float(gens.seconds),
+                          int(sum(gens.new_tokens))))
+    return out
 
 
 @cache
@@ -216,18 +230,28 @@ def _judged_memo(bench: Workbench) -> dict[tuple[str, str], Judged]:
     return {}
 
 
+def run_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]]
+             ) -> list[Judged]:
+    """Generate (disk-cached per arm) and judge the replies of every ``(prompts, plan)`` arm.
+    Arms not cached yet are generated together, a plan per batch row
+    (:meth:`Workbench.generate_steered`)."""
+    memo = _judged_memo(bench)
+    keyed = [(prompts, plan_key(bench, plan), plan) for prompts, plan in arms]
+    missing = [(p, k, plan) for p, k, plan in keyed if (p.sha256, k) not in memo]
+    if missing:
+        gens = bench.generate_steered(missing)
+        fresh: dict[tuple[str, str], tuple[PromptSet, Generations, str]] = {}
+        for (prompts, key, _plan), g in zip(missing, gens, strict=True):
+            fresh.setdefault((prompts.sha256, key), (prompts, g, key))
+        for memo_key, judged in zip(fresh, judge_arms(bench, list(fresh.values())),
+                                    strict=True):
+            memo[memo_key] = judged
+    return [memo[(p.sha256, k)] for p, k, _plan in keyed]
+
+
 def run_arm(bench: Workbench, prompts: PromptSet, plan: SteeringPlan) -> Judged:
     """Generate (disk-cached by key) and judge replies to ``prompts`` under ``plan``."""
-    key = plan_key(bench, plan)
-    memo = _judged_memo(bench)
-    if (prompts.sha256, key) not in memo:
-        if key == "none":
-            gens = bench.generate(prompts, "none")
-        else:
-            bench.progress(f"[dose] {bench.lm.name} {len(prompts)} prompts {key}", force=True)
-            gens = bench.generate(prompts, key, lambda: steer(bench.lm.layout, plan))
-        memo[(prompts.sha256, key)] = judge_replies(bench, prompts, gens, key)
-    return memo[(prompts.sha256, key)]
+    return run_arms(bench, [(prompts, plan)])[0]
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -283,15 +307,12 @@ def run_sweep(bench: Workbench, units: Units) -> Sweep:
     layers = sweep_layers(bench, units)
     alphas = sweep_alphas(bench, units)
     t0 = time.perf_counter()
-    harmful, harmless = [], []
-    for i, alpha in enumerate(alphas):
-        bench.progress(f"[dose] {bench.lm.name} {units} alpha={alpha:g} ({i + 1}/{len(alphas)})",
-                       force=True)
-        plan = make_plan(bench, units, layers, float(alpha))
-        harmful.append(run_arm(bench, harm, plan))
-        harmless.append(run_arm(bench, safe, plan))
-    return Sweep(units, tuple(layers), alphas, tuple(harmful), tuple(harmless), harm, safe,
-                 time.perf_counter() - t0)
+    bench.progress(f"[dose] {bench.lm.name} {units} sweep: {len(alphas)} alphas x "
+                   f"{len(harm)} harmful + {len(safe)} harmless prompts", force=True)
+    plans = [make_plan(bench, units, layers, float(alpha)) for alpha in alphas]
+    judged = run_arms(bench, [(ps, plan) for plan in plans for ps in (harm, safe)])
+    return Sweep(units, tuple(layers), alphas, tuple(judged[0::2]), tuple(judged[1::2]),
+                 harm, safe, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- doses
@@ -849,14 +870,15 @@ def run_multi_vs_single(bench: Workbench, side: Side) -> tuple[ArmPair, ...]:
     centre = centre_block(middle_third(bench.lm.n_layers))
     blocks = multi_range(centre, bench.lm.n_layers)
     sign = -1.0 if side == "negative" else 1.0
-    pairs = []
-    for total in multi_totals(bench):
-        single = make_plan(bench, "ratio", [centre], sign * total)
-        multi = multi_plan(bench, single, blocks)
-        pairs.append(ArmPair(sign * total, run_arm(bench, prompts, single),
-                             run_arm(bench, prompts, multi), single.total_perturbation(),
-                             multi.total_perturbation()))
-    return tuple(pairs)
+    totals = multi_totals(bench)
+    singles = [make_plan(bench, "ratio", [centre], sign * total) for total in totals]
+    multis = [multi_plan(bench, single, blocks) for single in singles]
+    judged = run_arms(bench, [(prompts, plan) for pair in zip(singles, multis, strict=True)
+                              for plan in pair])
+    return tuple(ArmPair(sign * total, judged[2 * i], judged[2 * i + 1],
+                         single.total_perturbation(), multi.total_perturbation())
+                 for i, (total, single, multi) in enumerate(zip(totals, singles, multis,
+                                                                strict=True)))
 
 
 def intended(side: Side) -> Callable[[Judged], npt.NDArray[np.bool_]]:

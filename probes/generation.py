@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,8 +28,17 @@ from probes.capture import (
     with_cache,
 )
 
-__all__ = ["Generations", "common_prefix_len", "generate", "plain_greedy",
+__all__ = ["Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
            "prefix_sharing_supported", "stop_token_ids"]
+
+
+class RowState(Protocol):
+    """Per-row intervention state that follows the batch rows (e.g.
+    :class:`probes.interventions.RowSteering`): ``groups[i]`` is the variant of prompt ``i``;
+    :func:`generate` sets ``index`` to the variant of every row of each forward pass."""
+
+    groups: torch.Tensor
+    index: torch.Tensor | None
 
 
 @dataclass
@@ -65,10 +74,27 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _cache_for(model: Any, input_ids: torch.Tensor, p: int, b: int) -> Any:
-    """The KV cache a batch starts from: its shared prefix (``p`` tokens), or empty."""
+def _cache_for(model: Any, input_ids: torch.Tensor, p: int, b: int,
+               rows: RowState | None = None) -> Any:
+    """The KV cache a batch starts from: its shared prefix (``p`` tokens), or empty.
+
+    With per-row variants (``rows``) the prefix is computed once per variant present in the
+    batch (its KV differs by variant when an intervention acts on the prefix) and each row
+    gets its variant's copy.
+    """
     if p > 0:
-        return prefix_kv_cache(model.get_decoder(), input_ids[:1, :p], b)
+        if rows is None or rows.index is None:
+            return prefix_kv_cache(model.get_decoder(), input_ids[:1, :p], b)
+        batch_index = rows.index
+        variants, inverse = torch.unique(batch_index, return_inverse=True)
+        rows.index = variants
+        try:
+            cache = prefix_kv_cache(model.get_decoder(), input_ids[:1, :p].expand(
+                len(variants), p), 1)
+        finally:
+            rows.index = batch_index
+        cache.batch_select_indices(inverse)
+        return cache
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
@@ -83,6 +109,7 @@ def _greedy_pick(logits: torch.Tensor) -> torch.Tensor:
 def _greedy_decode(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, p: int, pad: int,
     stops: Sequence[int], max_new_tokens: int, drop_finished: bool,
+    rows: RowState | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache; the new ids per row, up to and including its stop token.
 
@@ -93,10 +120,10 @@ def _greedy_decode(
     row that has produced a stop token leaves the batch (its KV-cache rows are dropped), so
     later steps compute only the rows still writing; otherwise finished rows are fed ``pad``
     until every row has ended, as ``generate`` does (hooks that follow rows by their index
-    need that).
+    need that). ``rows`` (per-row interventions) follows the rows that stay.
     """
     b = input_ids.shape[0]
-    cache = _cache_for(model, input_ids, p, b)
+    cache = _cache_for(model, input_ids, p, b, rows)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions[:, p:],
                 **with_cache(model, cache), use_cache=True, logits_to_keep=1)
@@ -119,6 +146,8 @@ def _greedy_decode(
                 idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
                 cache.batch_select_indices(idx)
                 mask, nxt, last_pos = mask[idx], nxt[idx], last_pos[idx]
+                if rows is not None and rows.index is not None:
+                    rows.index = rows.index[idx]
                 alive = [alive[i] for i in keep]
         else:
             done = torch.tensor([ended[row] for row in alive], device=nxt.device)
@@ -162,6 +191,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 def _generate_batch(
     model: Any, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int,
     share_prefix: bool, fast: bool, drop_finished: bool, device: torch.device,
+    rows: RowState | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of one batch of token-id rows; returns the new ids per row.
 
@@ -177,10 +207,10 @@ def _generate_batch(
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     if fast:
         return _greedy_decode(model, input_ids, mask, p, pad, stops, max_new_tokens,
-                              drop_finished)
+                              drop_finished, rows)
     kwargs: dict[str, Any] = {}
     if p > 0:
-        kwargs.update(with_cache(model, _cache_for(model, input_ids, p, b)))
+        kwargs.update(with_cache(model, _cache_for(model, input_ids, p, b, rows)))
     width = input_ids.shape[1]
     out = model.generate(
         input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -201,6 +231,7 @@ def generate(
     share_prefix: bool | None = None,
     fast: bool | None = None,
     drop_finished: bool = True,
+    rows: RowState | None = None,
 ) -> Generations:
     """Greedy replies to already chat-formatted ``prompts``.
 
@@ -210,7 +241,9 @@ def generate(
     ``transformers``' ``generate``, which lets rows that have ended leave the batch
     (``drop_finished``; hooks that follow batch rows by index, such as
     :func:`probes.monitoring.monitor`, need ``drop_finished=False``). The replies are the
-    same either way (tested against ``generate``).
+    same either way (tested against ``generate``). ``rows`` carries per-row interventions
+    (:class:`probes.interventions.RowSteering`, opened around this call): prompts of
+    different variants then share batches, and the state is told which rows each pass holds.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -231,10 +264,20 @@ def generate(
     ids_out: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
     done = 0
+    if rows is not None and rows.groups.shape[0] != len(prompts):
+        raise ValueError(f"rows has {rows.groups.shape[0]} groups for {len(prompts)} prompts")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops, max_new_tokens,
-                              share_prefix, fast, drop_finished, device)
+        if rows is not None:
+            rows.index = rows.groups[torch.tensor(idx, dtype=torch.long,
+                                                  device=rows.groups.device)]
+        try:
+            new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops,
+                                  max_new_tokens, share_prefix, fast, drop_finished, device,
+                                  rows)
+        finally:
+            if rows is not None:
+                rows.index = None
         for row, i in enumerate(idx):
             seq = new[row]
             cut = next((k for k, t in enumerate(seq) if t in stops), len(seq))

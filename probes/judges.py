@@ -73,6 +73,7 @@ Degeneracy (:func:`degeneracy`), coherence (:func:`perplexity`, :func:`is_cohere
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import unicodedata
@@ -85,7 +86,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from probes.capture import left_pad_batch
+from probes.capture import left_pad_batch, prefix_sharing_supported, with_cache
 from probes.stats import BoolArray, Estimate, FloatArray, rate
 
 __all__ = [
@@ -749,8 +750,14 @@ def perplexity(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pairs = [(_token_ids(tokenizer, p), _token_ids(tokenizer, r) if r else [])
+    ids_of: dict[str, list[int]] = {}  # each distinct text tokenised once
+    for text in (*prompts, *responses):
+        if text and text not in ids_of:
+            ids_of[text] = _token_ids(tokenizer, text)
+    pairs = [(ids_of.get(p, []), ids_of.get(r, []) if r else [])
              for p, r in zip(prompts, responses, strict=True)]
+    if prefix_sharing_supported(model):
+        return _perplexity_prompt_once(model, pairs, batch_size, pad_id, device)
     out = np.full(len(pairs), np.nan, dtype=np.float64)
     todo = sorted((i for i, (_, r) in enumerate(pairs) if r),
                   key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -777,6 +784,94 @@ def perplexity(
             for row, (i, k) in enumerate(zip(idx, n_resp, strict=True)):
                 out[i] = math.exp(float(nll[row, -k:].double().mean()))
     return out
+
+
+def _perplexity_prompt_once(
+    model: Any, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+    device: torch.device,
+) -> FloatArray:
+    """:func:`perplexity` for plain-attention models, each distinct prompt run once.
+
+    Replies to the same prompt (an alpha sweep scores one reply per alpha to every prompt)
+    share the prompt's KV cache: a batch of up to ``batch_size`` distinct prompts is run
+    once (left-padded; its last position gives the first reply token's log-probability),
+    then the replies to those prompts are run on copies of the cache rows they continue,
+    right-padded after the prompt, with explicit positions. An identical (prompt, reply)
+    pair is scored once. The numbers equal scoring each pair alone up to float rounding
+    (tested).
+    """
+    out = np.full(len(pairs), np.nan, dtype=np.float64)
+    prompt_of: dict[tuple[int, ...], int] = {}
+    replies: list[dict[tuple[int, ...], list[int]]] = []  # per prompt: reply -> pair rows
+    for row, (p_ids, r_ids) in enumerate(pairs):
+        if not r_ids:
+            continue
+        if not p_ids:
+            raise ValueError("perplexity needs a non-empty prompt to condition on")
+        k = prompt_of.setdefault(tuple(p_ids), len(prompt_of))
+        if k == len(replies):
+            replies.append({})
+        replies[k].setdefault(tuple(r_ids), []).append(row)
+    prompt_ids = list(prompt_of)
+    order = sorted(range(len(prompt_ids)), key=lambda k: len(prompt_ids[k]))
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = _left_pad_ids([prompt_ids[k] for k in chunk], pad_id, device)
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            first = model(**batch, **with_cache(model, cache), use_cache=True,
+                          logits_to_keep=1).logits[:, -1, :]
+            first_logp = torch.log_softmax(first.float(), dim=-1)  # [b, vocab]
+            jobs = [(j, reply, rows) for j, k in enumerate(chunk)
+                    for reply, rows in replies[k].items()]
+            jobs.sort(key=lambda job: len(job[1]))
+            done = 0
+            while done < len(jobs):
+                longest = len(jobs[min(done + batch_size, len(jobs)) - 1][1])
+                cap = max(1, _LOGIT_BUDGET_BYTES // (4 * vocab * longest))
+                part = jobs[done : done + min(batch_size, cap)]
+                done += len(part)
+                _score_replies(model, cache, batch, first_logp, part, pad_id, out)
+    return out
+
+
+def _score_replies(
+    model: Any, cache: Any, prompts: dict[str, torch.Tensor], first_logp: torch.Tensor,
+    jobs: Sequence[tuple[int, tuple[int, ...], list[int]]], pad_id: int, out: FloatArray,
+) -> None:
+    """Mean NLL of each job's reply after its prompt row (KV in ``cache``), into ``out``."""
+    device = first_logp.device
+    sel = torch.tensor([j for j, _r, _rows in jobs], dtype=torch.long, device=device)
+    width = max(len(r) for _j, r, _rows in jobs)
+    ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+    reply_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+    for i, (_j, reply, _rows) in enumerate(jobs):
+        ids[i, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+        reply_mask[i, : len(reply)] = 1
+    ids, reply_mask = ids.to(device), reply_mask.to(device)
+    prompt_mask = prompts["attention_mask"][sel]
+    mask = torch.cat([prompt_mask, reply_mask], dim=1)
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
+    nll0 = -first_logp[sel].gather(-1, ids[:, :1]).squeeze(-1)  # first reply token
+    if width > 1:
+        rows = copy.deepcopy(cache)
+        rows.batch_select_indices(sel)
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                       position_ids=positions[:, :-1], **with_cache(model, rows),
+                       use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rest = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, width - 1]
+    for i, (_j, reply, pair_rows) in enumerate(jobs):
+        n = len(reply)
+        total = float(nll0[i].double())
+        if n > 1:
+            total += float(rest[i, : n - 1].double().sum())
+        value = math.exp(total / n)
+        for row in pair_rows:
+            out[row] = value
 
 
 def is_coherent(

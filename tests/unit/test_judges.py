@@ -12,6 +12,7 @@ import torch
 
 from probes import judges as J
 from probes import stats
+from probes.capture import prefix_sharing_supported
 from probes.errors import PromptSetError
 from probes.models import LoadedModel
 from prompts import labelled as L
@@ -452,6 +453,45 @@ def test_perplexity_equals_a_direct_computation(tiny: LoadedModel) -> None:
     assert got == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="responses"):
         J.perplexity(tiny.model, tok, [prompt], [])
+
+
+def _direct_perplexity(lm: LoadedModel, prompt: str, response: str) -> float:
+    tok = lm.tokenizer
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(response, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([p_ids + r_ids])).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return float(np.exp(np.mean([-float(logp[len(p_ids) + j - 1, t])
+                                 for j, t in enumerate(r_ids)])))
+
+
+def test_perplexity_of_many_replies_per_prompt(tiny: LoadedModel) -> None:
+    """An alpha sweep's shape: several replies to each prompt, some identical, of different
+    lengths, in small batches. Every pair gets its own direct perplexity; on plain-attention
+    models each distinct prompt is run once and each distinct pair scored once."""
+    prompts = tiny.format(PROMPTS[:3])
+    replies = ["The sea is blue and wide.", "I'm sorry.", "Gears turn and turn again, and",
+               "I'm sorry."]
+    ps = [p for p in prompts for _ in replies]
+    rs = [r for _ in prompts for r in replies]
+    fed: list[int] = []
+    hook = tiny.layout.decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(int(kw["input_ids"].numel())), with_kwargs=True)
+    try:
+        got = J.perplexity(tiny.model, tiny.tokenizer, ps, rs, batch_size=2)
+    finally:
+        hook.remove()
+    expected = [_direct_perplexity(tiny, p, r) for p, r in zip(ps, rs, strict=True)]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    if prefix_sharing_supported(tiny.model):
+        tok = tiny.tokenizer
+        n_prompt = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        n_reply = sum(len(tok(r, add_special_tokens=False)["input_ids"]) for r in replies[:3])
+        # prompts once (padding aside); each distinct reply once per prompt, padded
+        assert sum(fed) < n_prompt + 3 * n_reply + 40
+        assert sum(fed) < sum(len(tok(p + r, add_special_tokens=False)["input_ids"])
+                              for p, r in zip(ps, rs, strict=True)) / 2
 
 
 def test_is_coherent_combines_degeneracy_and_threshold(tiny: LoadedModel) -> None:

@@ -6,18 +6,33 @@
   input of block l moves by exactly alpha * v (every position), later blocks see the change;
 * ratio units: ||alpha * v_l|| / mean ||h_l|| == alpha, in the plan and in the activations;
 * equal total perturbation across layer counts is what SteeringPlan.total_perturbation says;
-* batched steered greedy generation equals one-prompt-at-a-time steered generation.
+* batched steered greedy generation equals one-prompt-at-a-time steered generation;
+* RowSteering (several plans in one batch, a plan per row) gives every prompt the replies
+  its plan gives alone, through the shared prefix, ended rows leaving and ``generate``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
 
 from probes.capture import capture
 from probes.generation import generate
-from probes.interventions import SteeringPlan, count_hooks, plan_ratio, plan_raw, steer
+from probes.interventions import (
+    RowSteering,
+    SteeringPlan,
+    count_hooks,
+    plan_ratio,
+    plan_raw,
+    steer,
+)
 from probes.models import LoadedModel, load
+
+RaggedStop = Callable[[LoadedModel, list[str], int], int]
+ExtraStop = Callable[[LoadedModel, int], AbstractContextManager[None]]
 
 TEXTS = ["Write a poem about the sea", "Tell me how to hack a database now please", "Hi",
          "Explain how a bicycle gear system works in simple words for a child"]
@@ -160,3 +175,65 @@ def test_batched_steered_generation_equals_one_at_a_time(arch: str) -> None:
         assert batched.token_ids[i] == one.token_ids[0], f"prompt {i} differs when batched"
     unsteered = generate(lm.model, lm.tokenizer, prompts, max_new_tokens=12, batch_size=4)
     assert unsteered.token_ids != batched.token_ids  # the plan did change the replies
+
+
+def _sweep_plans(lm: LoadedModel, dtype: torch.dtype) -> list[SteeringPlan]:
+    """An alpha grid over two layers, alpha 0 included, and a plan on another layer."""
+    dirs = {1: _direction(lm).to(dtype), 2: _direction(lm, 2).to(dtype)}
+    return [*(plan_raw(dirs, a) for a in (-1.5, 0.0, 0.75, 1.5)),
+            plan_raw({0: _direction(lm, 3).to(dtype)}, 2.0)]
+
+
+@pytest.mark.parametrize(("arch", "options"), [
+    ("llama", {}),  # own loop, shared prefix, ended rows leave
+    ("llama", {"share_prefix": False}),
+    ("qwen2", {"drop_finished": False}),
+    ("qwen2", {"fast": False}),  # transformers' generate
+    ("gemma3", {}),  # sliding window: generate, no shared prefix
+])
+def test_row_steering_equals_each_plan_alone(
+    arch: str, options: dict[str, bool], ragged_stop: RaggedStop, extra_stop: ExtraStop
+) -> None:
+    """Every plan's prompts, generated together in mixed batches with a plan per row, get
+    the tokens they get under ``steer(plan)`` alone (float64: see the test above). An extra
+    stop token makes rows end at different steps, so ended rows leave mid-batch."""
+    lm = load(f"tiny-{arch}", dtype=torch.float64)
+    prompts = lm.format(TEXTS)
+    plans = _sweep_plans(lm, torch.float64)
+    stop = None
+    for plan in plans:  # the first plan whose replies a stop token ends unevenly
+        with steer(lm.layout, plan):
+            try:
+                stop = ragged_stop(lm, prompts, 12)
+                break
+            except pytest.skip.Exception:
+                continue
+    assert stop is not None, "no plan of this random model gives ragged stopping"
+    joint_prompts = [p for _ in plans for p in prompts]
+    groups = [g for g in range(len(plans)) for _ in prompts]
+    alone = []
+    with extra_stop(lm, stop):
+        for plan in plans:
+            with steer(lm.layout, plan):
+                alone.append(generate(lm.model, lm.tokenizer, prompts, 12, batch_size=4))
+        with RowSteering(lm.layout, plans, groups) as rows:
+            joint = generate(lm.model, lm.tokenizer, joint_prompts, 12, batch_size=7,
+                             rows=rows, **options)
+    assert count_hooks(lm.model) == 0 and rows.index is None
+    assert len(set(joint.new_tokens)) > 1, "rows should end at different lengths"
+    for g, one in enumerate(alone):
+        got = joint.token_ids[g * len(prompts):(g + 1) * len(prompts)]
+        assert got == one.token_ids, f"plan {g} differs when generated with the others"
+    assert alone[0].token_ids != alone[1].token_ids  # the plans do differ
+
+
+def test_row_steering_without_generate_rows_is_a_clear_error(tiny: LoadedModel) -> None:
+    plans = [plan_raw({1: _direction(tiny)}, 1.0)]
+    with RowSteering(tiny.layout, plans, [0]), pytest.raises(RuntimeError, match="rows="):
+        _logits(tiny, tiny.format(TEXTS[:1]))
+    assert count_hooks(tiny.model) == 0
+    with pytest.raises(ValueError, match="index the 1 plans"):
+        RowSteering(tiny.layout, plans, [0, 1])
+    with pytest.raises(ValueError, match="groups for"), RowSteering(
+            tiny.layout, plans, [0, 0]) as rows:
+        generate(tiny.model, tiny.tokenizer, tiny.format(TEXTS[:1]), 4, rows=rows)

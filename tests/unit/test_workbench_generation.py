@@ -1,0 +1,67 @@
+"""Workbench.generate_steered: several steering arms generated together, a plan per batch
+row, give each arm the replies it gets alone, and are cached per arm like Workbench.generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fixtures.options import PROFILES, parse_alphas, parse_layers
+from fixtures.workbench import BenchConfig, Progress, Workbench
+from probes.cache import ActivationCache
+from probes.interventions import count_hooks, plan_raw, steer
+from probes.models import load
+
+
+def _bench(cache_dir: Path) -> Workbench:
+    cfg = BenchConfig(
+        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
+        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=8,
+        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
+        use_cache=True, profile="quick", chat_template="auto", batch_size=5,
+        defaults=PROFILES["quick"])
+    lm = load("tiny-llama", dtype=torch.float64)
+    return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
+
+
+def _forward_calls(bench: Workbench) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    calls: list[int] = []
+    handle = bench.lm.layout.decoder.register_forward_pre_hook(lambda *_a: calls.append(1))
+    return calls, handle
+
+
+def test_arms_generated_together_equal_each_arm_alone(tmp_path: Path) -> None:
+    bench = _bench(tmp_path / "joint")
+    harm = bench.harmful_split.test.sample(4, 0, "category")
+    safe = bench.harmless_split.test.sample(3, 0, "topic")
+    g = torch.Generator().manual_seed(0)
+    v = {1: torch.randn(bench.lm.layout.d_model, generator=g, dtype=torch.float64)}
+    plans = {"a": plan_raw(v, 2.0), "b": plan_raw(v, -3.0)}
+    arms = [(harm, "none", None), (harm, "a", plans["a"]), (safe, "a", plans["a"]),
+            (harm, "b", plans["b"]), (harm, "a", plans["a"])]  # a repeated arm runs once
+    joint = bench.generate_steered(arms)
+    assert count_hooks(bench.lm.model) == 0
+    assert joint[1] is joint[4]
+    assert len({tuple(j.texts) for j in joint[:4]}) == 4  # the arms do differ
+
+    alone = _bench(tmp_path / "alone")
+    for (prompts, key, plan), got in zip(arms, joint, strict=True):
+        ref = alone.generate(prompts, key, None if plan is None
+                             else (lambda p=plan: steer(alone.lm.layout, p)))
+        assert got.texts == ref.texts, f"arm {key} on {prompts.name} differs"
+        assert got.new_tokens == ref.new_tokens
+    total = sum(j.seconds for j in joint[:4])
+    assert total > 0 and all(j.seconds >= 0 for j in joint)
+
+    # A second session reads every arm from disk: no forward pass at all.
+    again = _bench(tmp_path / "joint")
+    calls, handle = _forward_calls(again)
+    try:
+        reread = again.generate_steered(arms)
+        plain = again.generate(harm)  # the unsteered arm is the entry generate() uses
+    finally:
+        handle.remove()
+    assert not calls
+    assert [r.texts for r in reread] == [j.texts for j in joint]
+    assert plain.texts == joint[0].texts
