@@ -198,3 +198,18 @@ def test_window_mean_and_code_detection(tiny: LoadedModel) -> None:
     assert is_code_answer("Here it is.\ndef f(x):\n    return x")
     assert not is_code_answer("I'm sorry, but I can't assist with that.")
     assert not is_code_answer("Step 1: define your goals. Step 2: import nothing.")
+
+
+def test_monitor_follows_a_large_batch_of_very_different_lengths(tiny: LoadedModel) -> None:
+    """A batch long and ragged enough that generation without a monitor would run its
+    prompt pass in length groups: under the monitor it stays one pass, and step 0 still
+    equals a separate capture."""
+    texts = [*TEXTS, *(f"{w} " * n for n in (1, 2, 3, 30, 40) for w in ("sea", "gear", "x"))]
+    prompts = tiny.format(texts)
+    dirs = _directions(tiny, [1], seed=3)
+    _, trajs = generate_monitored(tiny.model, tiny.tokenizer, tiny.layout, prompts, dirs, 3,
+                                  site="resid_pre", batch_size=len(prompts))
+    acts = capture(tiny.layout, tiny.tokenizer, prompts, "resid_pre", layers=[1])
+    expected = (acts.layer(1) @ dirs[1]).double().numpy()
+    got = np.array([t.layer(1)[0] for t in trajs])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

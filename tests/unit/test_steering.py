@@ -190,9 +190,10 @@ def _sweep_plans(lm: LoadedModel, dtype: torch.dtype) -> list[SteeringPlan]:
     ("qwen2", {"drop_finished": False}),
     ("qwen2", {"fast": False}),  # transformers' generate
     ("gemma3", {}),  # sliding window: generate, no shared prefix
+    ("llama", {"batch_size": 20}),  # a batch long enough for a prompt pass in length groups
 ])
 def test_row_steering_equals_each_plan_alone(
-    arch: str, options: dict[str, bool], ragged_stop: RaggedStop, extra_stop: ExtraStop
+    arch: str, options: dict[str, int], ragged_stop: RaggedStop, extra_stop: ExtraStop
 ) -> None:
     """Every plan's prompts, generated together in mixed batches with a plan per row, get
     the tokens they get under ``steer(plan)`` alone (float64: see the test above). An extra
@@ -217,8 +218,8 @@ def test_row_steering_equals_each_plan_alone(
             with steer(lm.layout, plan):
                 alone.append(generate(lm.model, lm.tokenizer, prompts, 12, batch_size=4))
         with RowSteering(lm.layout, plans, groups) as rows:
-            joint = generate(lm.model, lm.tokenizer, joint_prompts, 12, batch_size=7,
-                             rows=rows, **options)
+            joint = generate(lm.model, lm.tokenizer, joint_prompts, 12,
+                             **{"batch_size": 7, **options}, rows=rows)
     assert count_hooks(lm.model) == 0 and rows.index is None
     assert len(set(joint.new_tokens)) > 1, "rows should end at different lengths"
     for g, one in enumerate(alone):
