@@ -188,14 +188,14 @@ def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: li
         mon = TokenMonitor(bench.lm.layout, {layer: unit[layer] for layer in layers}, SITE)
         formatted = bench.lm.format(list(prompts.texts))
         gens = bench.generate(prompts, "none", intervention=mon.hooks, max_new_tokens=n_new,
-                              drop_finished=False)
+                              follow=mon.keep)
         texts, new_tokens, seconds = gens.texts, gens.new_tokens, gens.seconds
         if mon.n_forwards == 0:  # the replies came from the cache: generate under the monitor
             bench.progress(f"[detected_proceeds] {prompts.name}: cached replies, generating "
                            "again under the monitor", force=True)
             with mon.hooks():
                 fresh = generate(bench.lm.model, bench.lm.tokenizer, formatted, n_new,
-                                 batch_size=bench.cfg.batch_size, drop_finished=False)
+                                 batch_size=bench.cfg.batch_size, follow=mon.keep)
             differ = sum(a != b for a, b in zip(fresh.texts, texts, strict=True))
             if differ:
                 warnings.warn(f"{differ} of {len(texts)} replies differ from the cached ones; "

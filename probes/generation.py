@@ -110,7 +110,7 @@ def _greedy_pick(logits: torch.Tensor) -> torch.Tensor:
 def _greedy_decode(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, p: int, pad: int,
     stops: Sequence[int], max_new_tokens: int, drop_finished: bool,
-    rows: RowState | None = None,
+    rows: RowState | None = None, follow: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache; the new ids per row, up to and including its stop token.
 
@@ -128,7 +128,7 @@ def _greedy_decode(
     b = input_ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, logits = _prefill(model, input_ids, mask, positions, p, rows,
-                             in_groups=drop_finished)
+                             in_groups=drop_finished and follow is None)
     nxt = _greedy_pick(logits)
     last_pos = positions[:, -1]
     stop_set = set(int(s) for s in stops)
@@ -150,6 +150,8 @@ def _greedy_decode(
                 mask, nxt, last_pos = mask[idx], nxt[idx], last_pos[idx]
                 if rows is not None and rows.index is not None:
                     rows.index = rows.index[idx]
+                if follow is not None:
+                    follow(idx)
                 alive = [alive[i] for i in keep]
         else:
             done = torch.tensor([ended[row] for row in alive], device=nxt.device)
@@ -282,7 +284,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 def _generate_batch(
     model: Any, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int,
     share_prefix: bool, fast: bool, drop_finished: bool, device: torch.device,
-    rows: RowState | None = None,
+    rows: RowState | None = None, follow: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of one batch of token-id rows; returns the new ids per row.
 
@@ -298,7 +300,7 @@ def _generate_batch(
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     if fast:
         return _greedy_decode(model, input_ids, mask, p, pad, stops, max_new_tokens,
-                              drop_finished, rows)
+                              drop_finished, rows, follow)
     kwargs: dict[str, Any] = {}
     if p > 0:
         kwargs.update(with_cache(model, _cache_for(model, input_ids, p, b, rows)))
@@ -323,6 +325,7 @@ def generate(
     fast: bool | None = None,
     drop_finished: bool = True,
     rows: RowState | None = None,
+    follow: Callable[[torch.Tensor], None] | None = None,
 ) -> Generations:
     """Greedy replies to already chat-formatted ``prompts``.
 
@@ -335,6 +338,9 @@ def generate(
     same either way (tested against ``generate``). ``rows`` carries per-row interventions
     (:class:`probes.interventions.RowSteering`, opened around this call): prompts of
     different variants then share batches, and the state is told which rows each pass holds.
+    ``follow`` is called with the indices of the rows that stay whenever ended rows leave a
+    batch (hooks that follow rows by index, such as :meth:`probes.monitoring.TokenMonitor.keep`,
+    may then let rows leave); with it, the prompt pass of a batch is one call.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -365,7 +371,7 @@ def generate(
         try:
             new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops,
                                   max_new_tokens, share_prefix, fast, drop_finished, device,
-                                  rows)
+                                  rows, follow)
         finally:
             if rows is not None:
                 rows.index = None

@@ -14,9 +14,12 @@ trajectory is therefore indexed by *steps*:
 
 A reply of m generated tokens (stop token included, as ``Generations.new_tokens`` counts
 them) has m steps, 0 .. m-1: the activation of the final token t_m is never computed,
-because ``generate`` stops after sampling it. In a batch, rows that finished early keep
-being fed pad tokens until the longest row ends (generate with ``drop_finished=False``, as
-:func:`generate_monitored` does); those steps are cut away. Step 0 at site
+because ``generate`` stops after sampling it. In a batch, rows that finished early leave
+it when ``generate`` is told to report that to the monitor
+(``generate(..., follow=mon.keep)``, as :func:`generate_monitored` does); the monitor then
+maps each row of the narrower batch back to its prompt. Without ``follow``, generate with
+``drop_finished=False``: ended rows are fed pad tokens until the longest row ends, and
+those steps are cut away. Step 0 at site
 ``resid_pre`` of layer l is the same number as a separate capture of ``resid_pre`` at the
 last prompt position (see ``tests/unit/test_monitoring.py``).
 
@@ -96,6 +99,7 @@ class _Call:
     token_ids: torch.Tensor  # [batch, t] the ids fed by this call
     mask_length: int  # columns of its attention mask: cached + fed positions
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch]
+    rows: tuple[int, ...] | None = None  # the segment row of each batch row (None: all)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class _Segment:
 
     calls: list[_Call] = field(default_factory=list)
     final_mask: torch.Tensor | None = None  # [batch, T] the last call's attention mask
+    alive: list[int] | None = None  # segment rows still in the batch (after rows left)
+    left: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> its last mask
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -183,10 +189,29 @@ class TokenMonitor:
             if full.shape[1] == fed or not self.segments:  # empty cache: a new generation
                 self.segments.append(_Segment())
             seg = self.segments[-1]
-            seg.calls.append(_Call(ids.detach().to("cpu", torch.long), int(full.shape[1])))
+            rows = None if seg.alive is None else tuple(seg.alive)
+            seg.calls.append(_Call(ids.detach().to("cpu", torch.long), int(full.shape[1]),
+                                   rows=rows))
             seg.final_mask = full
 
         return hook
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """Rows left the running batch: only the batch rows ``kept`` continue.
+
+        Pass this as ``generate(..., follow=monitor.keep)`` so that generation may drop
+        rows that have ended: the monitor then knows which prompt each row of a narrower
+        batch belongs to.
+        """
+        if not self.segments or self.segments[-1].final_mask is None:
+            return
+        seg = self.segments[-1]
+        assert seg.final_mask is not None
+        current = seg.alive if seg.alive is not None else list(range(seg.final_mask.shape[0]))
+        keep = [int(i) for i in kept.tolist()]
+        for i in sorted(set(range(len(current))) - set(keep)):
+            seg.left[current[i]] = seg.final_mask[i]
+        seg.alive = [current[i] for i in keep]
 
     def _store(self, layer: int, hidden: torch.Tensor) -> None:
         if not self.segments or not self.segments[-1].calls:
@@ -229,23 +254,42 @@ class TokenMonitor:
 
     # ---- results -------------------------------------------------------------------------
     def _segment_rows(self, seg: _Segment) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(ids [batch, T], mask [batch, T], end column of every call) of one generation."""
+        """(ids [batch, T], mask [batch, T], end column of every call) of one generation.
+
+        A call made after :meth:`keep` feeds only the rows still running; a row that had
+        left gets masked columns from then on (its last attention mask is kept)."""
         batch = max(c.token_ids.shape[0] for c in seg.calls)
         chunks, ends, total = [], [], 0
         for c in seg.calls:
             rows = c.token_ids.shape[0]
-            if rows not in (1, batch):
+            if c.rows is not None:
+                if rows != len(c.rows):
+                    raise RuntimeError(
+                        f"a decoder call fed {rows} rows where {len(c.rows)} were running: "
+                        "pass the monitor's keep as generate(..., follow=...)")
+                block = torch.zeros((batch, c.token_ids.shape[1]), dtype=torch.long)
+                block[list(c.rows)] = c.token_ids
+                chunks.append(block)
+            elif rows in (1, batch):
+                chunks.append(c.token_ids.expand(batch, -1))
+            else:
                 raise RuntimeError(
                     f"a generation changed its batch from {batch} to {rows} rows, so its rows "
-                    "cannot be followed: generate under a monitor with drop_finished=False")
+                    "cannot be followed: generate under a monitor with drop_finished=False, or "
+                    "pass the monitor's keep as generate(..., follow=...)")
             total += c.token_ids.shape[1]
             if c.mask_length != total:
                 raise RuntimeError("a decoder call's attention mask does not cover the cached "
                                    "and fed positions: cannot follow the generation")
-            chunks.append(c.token_ids.expand(batch, -1))
             ends.append(total)
         assert seg.final_mask is not None
-        mask = seg.final_mask.expand(batch, -1)
+        if seg.alive is None:
+            mask = seg.final_mask.expand(batch, -1)
+        else:
+            mask = torch.zeros((batch, total), dtype=torch.bool)
+            mask[seg.alive] = seg.final_mask
+            for row, m in seg.left.items():
+                mask[row, : m.shape[0]] = m
         return torch.cat(chunks, dim=1), mask, ends
 
     def trajectories(
@@ -285,7 +329,7 @@ class TokenMonitor:
                         f"{len(seg.calls) - first} forwards after the prompt: the token counts "
                         "belong to another generation")
                 calls = seg.calls[first : first + m]
-                proj = [[float(c.projections[layer][min(row, c.token_ids.shape[0] - 1)])
+                proj = [[float(c.projections[layer][self._batch_row(c, row)])
                          for layer in self.layers] for c in calls]
                 toks = [int(ids[row, ends[first + k] - 1]) for k in range(m)]
                 out[i] = Trajectory(i, self.layers, tuple(toks),
@@ -294,6 +338,16 @@ class TokenMonitor:
         if absent:
             raise ValueError(f"the monitor saw no generation for prompts {absent[:10]}")
         return [t for t in out if t is not None]
+
+    @staticmethod
+    def _batch_row(call: _Call, row: int) -> int:
+        """Where segment row ``row`` sits in the batch of ``call``."""
+        if call.rows is not None:
+            if row not in call.rows:
+                raise RuntimeError(f"row {row} had left the batch before a step it needs: the "
+                                   "token counts belong to another generation")
+            return call.rows.index(row)
+        return min(row, call.token_ids.shape[0] - 1)
 
     @staticmethod
     def _match_row(
@@ -334,7 +388,7 @@ def generate_monitored(
     """:func:`probes.generation.generate` under a monitor: replies and trajectories."""
     with monitor(layout, directions, site) as mon:
         gens = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                        progress=progress, drop_finished=False)
+                        progress=progress, follow=mon.keep)
     return gens, mon.trajectories(tokenizer, prompts, gens.new_tokens)
 
 

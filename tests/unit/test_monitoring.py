@@ -85,19 +85,35 @@ def test_monitoring_costs_no_extra_forward_pass(tiny: LoadedModel) -> None:
     assert watched.texts == plain.texts  # the monitor only reads
 
 
+def _follow_all(monitors: dict[Site, TokenMonitor]) -> Callable[[torch.Tensor], None]:
+    def follow(kept: torch.Tensor) -> None:
+        for mon in monitors.values():
+            mon.keep(kept)
+
+    return follow
+
+
+@pytest.mark.parametrize("ended_rows", ["stay", "leave"])
 def test_trajectories_equal_a_separate_capture(tiny: LoadedModel, ragged_stop: RaggedStop,
-                                               extra_stop: ExtraStop) -> None:
-    """Every site at once (four monitors on one generation), rows of different lengths."""
+                                               extra_stop: ExtraStop, ended_rows: str) -> None:
+    """Every site at once (four monitors on one generation), rows of different lengths;
+    ended rows either stay in the batch (``drop_finished=False``) or leave it while the
+    monitors follow (``follow=``)."""
     prompts, stop = _ragged_generation(tiny, ragged_stop)
     layers = [0, tiny.n_layers - 1]
     dirs = _directions(tiny, layers, seed=1)
     monitors = {site: TokenMonitor(tiny.layout, dirs, site) for site in SITES}
-    with extra_stop(tiny, stop), ExitStack() as stack:
+    options: dict[str, Any] = ({"drop_finished": False} if ended_rows == "stay"
+                               else {"follow": _follow_all(monitors)})
+    with extra_stop(tiny, stop), ExitStack() as stack, _forward_counter(tiny) as calls:
         for mon in monitors.values():
             stack.enter_context(mon.hooks())
         gens = generate(tiny.model, tiny.tokenizer, prompts, MAX_NEW, batch_size=3,
-                        drop_finished=False)
+                        **options)
     assert len(set(gens.new_tokens)) > 1, "rows should end at different lengths"
+    if ended_rows == "leave" and prefix_sharing_supported(tiny.model):
+        narrower = [c for c in monitors["resid_pre"].segments[0].calls if c.rows is not None]
+        assert narrower and calls[0] > 0, "some rows should have left the batch"
     encoded = tiny.tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for site, mon in monitors.items():
         trajs = mon.trajectories(tiny.tokenizer, prompts, gens.new_tokens)
