@@ -90,7 +90,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from probes.capture import left_pad_batch
+from probes.capture import last_position_logits
 from probes.errors import ExportError
 from probes.interventions import ablate_direction, plan_raw, steer
 from probes.judges import refusal_logit_scores
@@ -529,7 +529,8 @@ def first_token_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32
 ) -> torch.Tensor:
     """``[n, vocab]`` float32 log-probabilities of the first generated token of each
-    chat-formatted prompt (one forward pass per batch, left padding, on the CPU)."""
+    chat-formatted prompt (one forward pass per batch, left padding, the shared prefix run
+    once: :func:`probes.capture.last_position_logits`; on the CPU)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
@@ -538,12 +539,8 @@ def first_token_logprobs(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = left_pad_batch(tokenizer, [prompts[i] for i in idx], device)
-            try:
-                logits = model(**batch, use_cache=False, logits_to_keep=1).logits
-            except TypeError:
-                logits = model(**batch, use_cache=False).logits
-            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
+            logits = last_position_logits(model, tokenizer, [prompts[i] for i in idx], device)
+            logp = torch.log_softmax(logits, dim=-1).cpu()
             for row, i in enumerate(idx):
                 out[i] = logp[row]
     return torch.stack([t for t in out if t is not None])

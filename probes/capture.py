@@ -213,6 +213,36 @@ def prefix_kv_cache(decoder: nn.Module, prefix: torch.Tensor, rows: int) -> Any:
     return cache
 
 
+def last_position_logits(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], device: torch.device | str
+) -> torch.Tensor:
+    """``[len(texts), vocab]`` float32 logits at the last position of each text, one batch.
+
+    The token prefix the texts share (a chat template's system turn) is run once and its KV
+    cache repeated over the rows when the architecture allows it
+    (:func:`prefix_sharing_supported`); the rows are then padded between prefix and suffix
+    so every token keeps its position. Whatever hooks are open see the prefix pass too.
+    """
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    model_any: Any = model
+    p = (common_prefix_len(rows) if len(rows) > 1 and prefix_sharing_supported(model_any)
+         else 0)
+    p = min(p, min(len(r) for r in rows) - 1)
+    batch = split_prefix_batch(rows, p, pad_id(tokenizer), device)
+    if p <= 0:
+        try:
+            out = model_any(**batch, use_cache=False, logits_to_keep=1)
+        except TypeError:  # a model class without ``logits_to_keep``
+            out = model_any(**batch, use_cache=False)
+    else:
+        cache = prefix_kv_cache(model_any.get_decoder(), batch["input_ids"][:1, :p], len(rows))
+        out = model_any(input_ids=batch["input_ids"][:, p:],
+                        attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"][:, p:],
+                        **with_cache(model_any, cache), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
+
+
 def split_prefix_batch(
     rows: Sequence[Sequence[int]], p: int, pad: int, device: torch.device | str
 ) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from probes.capture import left_pad_batch, prefix_sharing_supported, with_cache
+from probes.capture import last_position_logits, prefix_sharing_supported, with_cache
 from probes.stats import BoolArray, Estimate, FloatArray, rate
 
 __all__ = [
@@ -396,15 +396,6 @@ def refusal_token_ids(
     return sorted(ids)
 
 
-def _next_token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits at the last position, ``[batch, vocab]``, from one forward pass."""
-    try:
-        out = model(**batch, use_cache=False, logits_to_keep=1)
-    except TypeError:  # a model class without ``logits_to_keep``
-        out = model(**batch, use_cache=False)
-    return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
-
-
 def refusal_logit_scores(
     model: Any,
     tokenizer: Any,
@@ -416,8 +407,9 @@ def refusal_logit_scores(
 
     p is the softmax mass on ``token_ids`` (default :func:`refusal_token_ids` with
     ``token_set='all'``) at the first generated position. Prompts are left-padded with
-    explicit position ids (:func:`probes.capture.left_pad_batch`); one forward pass per
-    batch, no generation, the model is not changed.
+    explicit position ids, their shared prefix run once
+    (:func:`probes.capture.last_position_logits`); one forward pass per batch, no
+    generation, the model is not changed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -429,8 +421,8 @@ def refusal_logit_scores(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = left_pad_batch(tokenizer, [prompts[i] for i in idx], device)
-            logp = torch.log_softmax(_next_token_logits(model, batch).double(), dim=-1)
+            logits = last_position_logits(model, tokenizer, [prompts[i] for i in idx], device)
+            logp = torch.log_softmax(logits.double(), dim=-1)
             p = torch.logsumexp(logp[:, ids.to(device)], dim=-1).exp().cpu().numpy()
             out[idx] = np.log(p + 1e-8) - np.log(1.0 - p + 1e-8)
     return out

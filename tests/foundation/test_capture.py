@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probes.capture import capture, recording
+from probes.capture import (
+    capture,
+    last_position_logits,
+    prefix_sharing_supported,
+    recording,
+)
 from probes.errors import LayerOutOfRange
 from probes.models import LoadedModel
 
@@ -121,3 +126,24 @@ def test_shared_prefix_is_refused_for_all_positions(tiny: LoadedModel) -> None:
     with pytest.raises(ValueError, match="share_prefix"):
         capture(tiny.layout, tiny.tokenizer, tiny.format(TEXTS), positions="all",
                 share_prefix=True)
+
+
+def test_last_position_logits_equal_each_text_alone(tiny: LoadedModel) -> None:
+    """The shared chat prefix runs once (plain attention) and every row still gets the
+    logits of its own unpadded forward."""
+    texts = tiny.format(["Hi", "Write a poem about the sea", "Explain gears to a child"])
+    fed: list[int] = []
+    hook = tiny.layout.decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(int(kw["input_ids"].numel())), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            got = last_position_logits(tiny.model, tiny.tokenizer, texts, "cpu")
+    finally:
+        hook.remove()
+    ids = tiny.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for row, one in enumerate(ids):
+        with torch.inference_mode():
+            alone = tiny.model(input_ids=torch.tensor([one])).logits[0, -1].float()
+        torch.testing.assert_close(got[row], alone, atol=1e-4, rtol=1e-4)
+    if prefix_sharing_supported(tiny.model):
+        assert sum(fed) < len(texts) * max(len(i) for i in ids)
