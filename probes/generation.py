@@ -12,7 +12,6 @@ the batch. Both give the same replies (``tests/unit/test_generation.py``). Inter
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,17 +118,17 @@ def _greedy_decode(
     ``generate`` computes positions) and takes the argmax of the last position's logits
     (``generate``'s greedy rule when :func:`plain_greedy` holds). With ``drop_finished`` a
     row that has produced a stop token leaves the batch (its KV-cache rows are dropped), so
-    later steps compute only the rows still writing, and the prompt pass of a batch with very
-    different prompt lengths runs in length groups (:func:`_prefill`); otherwise finished
-    rows are fed ``pad`` until every row has ended and the prompt pass is one call, as
+    later steps compute only the rows still writing (``follow``, if given, is told which
+    rows stay); otherwise finished rows are fed ``pad`` until every row has ended, as
     ``generate`` does (hooks that follow rows by their index need that). ``rows``
     (per-row interventions) follows the rows that stay.
     """
     b = input_ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache, logits = _prefill(model, input_ids, mask, positions, p, rows,
-                             in_groups=drop_finished and follow is None)
-    nxt = _greedy_pick(logits)
+    cache = _cache_for(model, input_ids, p, b, rows)
+    out = model(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions[:, p:],
+                **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    nxt = _greedy_pick(out.logits)
     last_pos = positions[:, -1]
     stop_set = set(int(s) for s in stops)
     new: list[list[int]] = [[] for _ in range(b)]
@@ -162,95 +161,6 @@ def _greedy_decode(
                     **with_cache(model, cache), use_cache=True)
         nxt = _greedy_pick(out.logits)
     return new
-
-
-PREFILL_MIN_ROWS = 8  # a length group of the prompt pass has at least this many rows
-PREFILL_RATIO = 0.75  # ... and rows at least this fraction of its longest row's length
-
-
-def _length_groups(lengths: Sequence[int]) -> list[list[int]]:
-    """Rows (sorted by length, longest first) cut into groups of similar length, each of at
-    least :data:`PREFILL_MIN_ROWS` rows, so that padding to a group's longest row wastes
-    little; one group when the batch is too small to split."""
-    groups: list[list[int]] = []
-    for row, n in enumerate(lengths):
-        if (groups and len(groups[-1]) >= PREFILL_MIN_ROWS
-                and n < PREFILL_RATIO * lengths[groups[-1][0]]
-                and len(lengths) - row >= PREFILL_MIN_ROWS):
-            groups.append([row])
-        elif groups:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return groups
-
-
-def _prefill(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, p: int,
-    rows: RowState | None, in_groups: bool = True,
-) -> tuple[Any, torch.Tensor]:
-    """The prompt pass of a left-padded batch: its KV cache and last-position logits.
-
-    A batch whose prompts differ much in length runs in length groups
-    (:func:`_length_groups`): each group computes only its own width of columns after the
-    shared prefix, so short prompts do not pay for the padding up to the longest one. The
-    groups' KV rows are then laid back into one left-padded cache of the batch's width
-    (padding columns are zero and masked), which decoding continues as if the batch had
-    run in one pass. Same tokens as one pass (tested). ``in_groups=False`` (generation
-    with ``drop_finished=False``, for hooks that follow rows by their index in a batch of
-    constant shape) runs one pass.
-    """
-    b, width = input_ids.shape
-    suffix = mask[:, p:].sum(-1).tolist()
-    groups = _length_groups(suffix) if in_groups else [list(range(b))]
-    if len(groups) == 1 or any(x < y for x, y in itertools.pairwise(suffix)):
-        cache = _cache_for(model, input_ids, p, b, rows)
-        out = model(input_ids=input_ids[:, p:], attention_mask=mask,
-                    position_ids=positions[:, p:], **with_cache(model, cache), use_cache=True,
-                    logits_to_keep=1)
-        return cache, out.logits
-    from transformers import DynamicCache
-
-    base = _cache_for(model, input_ids, p, b, rows) if p > 0 else None
-    batch_index = rows.index if rows is not None else None
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    logits: torch.Tensor | None = None
-    try:
-        for group in groups:
-            g = torch.tensor(group, dtype=torch.long, device=mask.device)
-            w = max(int(suffix[group[0]]), 1)
-            sub: Any = DynamicCache(config=model.config)
-            if base is not None:
-                for i, layer in enumerate(base.layers):
-                    sub.update(layer.keys[g], layer.values[g], i)
-            if rows is not None and batch_index is not None:
-                rows.index = batch_index[g]
-            cols = slice(width - w, width)
-            out = model(input_ids=input_ids[g, cols],
-                        attention_mask=torch.cat([mask[g, :p], mask[g, cols]], dim=1),
-                        position_ids=positions[g, cols], **with_cache(model, sub),
-                        use_cache=True, logits_to_keep=1)
-            if logits is None:
-                logits = out.logits.new_empty((b, *out.logits.shape[1:]))
-            logits[g] = out.logits
-            for i, layer in enumerate(sub.layers):
-                k, v = layer.keys, layer.values  # [rows, heads, p + w, head_dim]
-                if len(keys) <= i:
-                    keys.append(k.new_zeros((b, k.shape[1], width, k.shape[3])))
-                    values.append(v.new_zeros((b, v.shape[1], width, v.shape[3])))
-                keys[i][g, :, :p] = k[:, :, :p]
-                keys[i][g, :, width - w:] = k[:, :, p:]
-                values[i][g, :, :p] = v[:, :, :p]
-                values[i][g, :, width - w:] = v[:, :, p:]
-    finally:
-        if rows is not None:
-            rows.index = batch_index
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k, v, i)
-    assert logits is not None
-    return cache, logits
 
 
 def plain_greedy(model: Any) -> bool:
@@ -340,7 +250,7 @@ def generate(
     different variants then share batches, and the state is told which rows each pass holds.
     ``follow`` is called with the indices of the rows that stay whenever ended rows leave a
     batch (hooks that follow rows by index, such as :meth:`probes.monitoring.TokenMonitor.keep`,
-    may then let rows leave); with it, the prompt pass of a batch is one call.
+    may then let rows leave).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")

@@ -145,18 +145,14 @@ def test_real_model_prefix_sharing_keeps_replies(real_model: LoadedModel) -> Non
     assert "sorry" in shared.texts[0].lower() or "can't" in shared.texts[0].lower()
 
 
-def test_real_model_prompt_pass_in_length_groups_keeps_replies(real_model: LoadedModel) -> None:
-    """On the embedded model (float32), a ragged batch whose prompt pass runs in length
-    groups gives the replies of one plain pass (``transformers``' ``generate``)."""
+def test_real_model_ragged_batch_keeps_replies(real_model: LoadedModel) -> None:
+    """On the embedded model (float32), the own loop on a long ragged batch gives the
+    replies of ``transformers``' ``generate``."""
     p = real_model.format(LONG_AND_SHORT)
-    with _rows_fed(real_model) as fed:
-        grouped = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
+    own = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
     reference = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p),
                          fast=False)
-    ids = real_model.tokenizer(p, add_special_tokens=False)["input_ids"]
-    one_pass = len(p) * (max(len(i) for i in ids) - common_prefix_len(ids))
-    assert fed[1] < one_pass  # the first group is narrower than the whole batch
-    assert grouped.token_ids == reference.token_ids
+    assert own.token_ids == reference.token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
@@ -187,30 +183,12 @@ LONG_AND_SHORT = [*PROMPTS, "Hi there", "Ok", "Why?",
                   "Go", "Stop", "Yes or no?", "Thanks", "Count to five", "Spell cat"]
 
 
-def test_length_groups_cut_only_where_rows_differ() -> None:
-    from probes.generation import PREFILL_MIN_ROWS, _length_groups
-
-    assert _length_groups([40] * 20) == [list(range(20))]
-    lengths = [40] * 8 + [20] * 8 + [5] * 3
-    groups = _length_groups(lengths)
-    assert [len(g) for g in groups] == [8, 11]  # a last group is never below the minimum
-    assert [row for g in groups for row in g] == list(range(len(lengths)))
-    assert all(len(g) >= PREFILL_MIN_ROWS for g in groups)
-    assert _length_groups([9, 5, 1]) == [[0, 1, 2]]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_prompt_pass_in_length_groups_equals_one_at_a_time(arch: str) -> None:
-    """A batch of very different prompt lengths runs its prompt pass in length groups
-    (fewer padded tokens fed) and still gives every prompt its own replies."""
+def test_ragged_batch_equals_one_at_a_time(arch: str) -> None:
+    """A long batch of very different prompt lengths gives every prompt its own replies."""
     lm = load(f"tiny-{arch}", dtype=torch.float64)
     p = lm.format(LONG_AND_SHORT)
-    with _rows_fed(lm) as grouped:
-        batched = generate(lm.model, lm.tokenizer, p, 10, batch_size=len(p))
+    batched = generate(lm.model, lm.tokenizer, p, 10, batch_size=len(p))
     single = generate(lm.model, lm.tokenizer, p, 10, batch_size=1)
     reference = generate(lm.model, lm.tokenizer, p, 10, batch_size=len(p), fast=False)
     assert batched.token_ids == single.token_ids == reference.token_ids
-    ids = lm.tokenizer(p, add_special_tokens=False)["input_ids"]
-    prefix = common_prefix_len(ids)
-    one_pass = len(p) * (max(len(i) for i in ids) - prefix)
-    assert sum(grouped[:4]) < one_pass  # the prompt pass (after the prefix) fed less

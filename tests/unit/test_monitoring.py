@@ -217,9 +217,8 @@ def test_window_mean_and_code_detection(tiny: LoadedModel) -> None:
 
 
 def test_monitor_follows_a_large_batch_of_very_different_lengths(tiny: LoadedModel) -> None:
-    """A batch long and ragged enough that generation without a monitor would run its
-    prompt pass in length groups: under the monitor it stays one pass, and step 0 still
-    equals a separate capture."""
+    """A long batch of very different prompt lengths: step 0 still equals a separate
+    capture."""
     texts = [*TEXTS, *(f"{w} " * n for n in (1, 2, 3, 30, 40) for w in ("sea", "gear", "x"))]
     prompts = tiny.format(texts)
     dirs = _directions(tiny, [1], seed=3)

@@ -190,7 +190,7 @@ def _sweep_plans(lm: LoadedModel, dtype: torch.dtype) -> list[SteeringPlan]:
     ("qwen2", {"drop_finished": False}),
     ("qwen2", {"fast": False}),  # transformers' generate
     ("gemma3", {}),  # sliding window: generate, no shared prefix
-    ("llama", {"batch_size": 20}),  # a batch long enough for a prompt pass in length groups
+    ("llama", {"batch_size": 20}),  # every plan in one batch
 ])
 def test_row_steering_equals_each_plan_alone(
     arch: str, options: dict[str, int], ragged_stop: RaggedStop, extra_stop: ExtraStop
