@@ -361,6 +361,7 @@ def _contiguous_head_input(model: nn.Module) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return plain(x.contiguous())
 
+    forward.plain_head = True  # type: ignore[attr-defined]  # probes.kernels may replace it
     setattr(head, "forward", forward)  # noqa: B010 - an instance attribute, on purpose
 
 

@@ -15,6 +15,7 @@ from probes.generation import (
     plain_greedy,
     prefix_sharing_supported,
 )
+from probes.kernels import ROWS_FIRST_ENV, ROWS_FIRST_RANGE, rows_first_linears
 from probes.models import LoadedModel, load
 
 RaggedStop = Callable[[LoadedModel, list[str], int], int]
@@ -153,6 +154,22 @@ def test_real_model_ragged_batch_keeps_replies(real_model: LoadedModel) -> None:
     reference = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p),
                          fast=False)
     assert own.token_ids == reference.token_ids
+
+
+def test_real_model_rows_first_layout_keeps_replies(
+    real_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows-first matmul layout of decoding steps (probes.kernels, on for the embedded
+    model's MLP and head in float32) gives the replies of ``nn.Linear``'s own layout."""
+    p = real_model.format(LONG_AND_SHORT)
+    assert len(p) >= ROWS_FIRST_RANGE[0]
+    with rows_first_linears(real_model.model) as n:
+        assert n > 0 or real_model.dtype != torch.float32
+    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    off = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
+    monkeypatch.setenv(ROWS_FIRST_ENV, "1")
+    on = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
+    assert on.token_ids == off.token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
