@@ -3,7 +3,7 @@
 * ``rows_first_linear`` equals ``F.linear`` up to float32 rounding, any leading shape, with
   and without bias;
 * ``rows_first_linears`` switches only plain float32 ``nn.Linear`` modules at or above the
-  size threshold, only for passes of 16 to 128 rows, keeps hooks, reads edited weights, and
+  size threshold, only for passes of 2 to 128 rows, keeps hooks, reads edited weights, and
   restores every forward on exit (also when the body raises), including the output head's
   contiguous-input forward set at load; the environment switch turns it off;
 * greedy replies are the same with the layout on and off (a tiny model with the threshold
@@ -21,7 +21,7 @@ from torch import nn
 
 import probes.kernels as kernels
 from probes.generation import generate
-from probes.kernels import ROWS_FIRST_ENV, rows_first_linear, rows_first_linears
+from probes.kernels import ROWS_FIRST_ENV, layout_tag, rows_first_linear, rows_first_linears
 from probes.models import load
 
 
@@ -40,6 +40,15 @@ def test_rows_first_linear_equals_linear(lead: list[int], n_in: int, n_out: int,
     assert got.shape == want.shape
     assert got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 21, 24, 40])
+def test_rows_first_linear_pads_to_eight_rows_and_drops_the_padding(rows: int) -> None:
+    x = torch.randn(rows, 1, 24)
+    w, b = torch.randn(30, 24), torch.randn(30)
+    got = rows_first_linear(x, w, b)
+    assert got.shape == (rows, 1, 30)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_first_linear_on_a_sliced_input() -> None:
@@ -125,7 +134,7 @@ def test_row_window_hooks_edits_and_exceptions(no_threshold: None) -> None:
 
     with pytest.raises(RuntimeError, match="body"):
         body()
-    assert seen == [16, 64, 128, 32]  # only passes of 16 to 128 rows
+    assert seen == [15, 16, 64, 128, 32]  # only passes of 2 to 128 rows
     assert hooked == [1, 15, 16, 64, 128, 129, 32]  # hooks see every call
     assert "forward" not in vars(lin)
 
@@ -165,3 +174,12 @@ def test_replies_equal_with_the_layout_on_and_off(
     on = generate(lm.model, lm.tokenizer, prompts, 10, batch_size=20)
     assert seen and all(16 <= rows <= 128 for rows in seen)
     assert on.token_ids == off.token_ids
+
+
+def test_layout_tag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ROWS_FIRST_ENV, raising=False)
+    assert layout_tag(torch.float32, "cpu") == "rows-first"
+    assert layout_tag(torch.bfloat16, "cpu") == "linear"
+    assert layout_tag(torch.float32, "meta") == "linear"
+    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    assert layout_tag(torch.float32, "cpu") == "linear"
