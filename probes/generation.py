@@ -7,8 +7,8 @@ token leaves the batch, so a batch where half the replies are short refusals sto
 for them. Other models (sliding-window or linear attention, a generation config with
 logits processors) go through ``transformers``' ``generate``, which keeps finished rows in
 the batch. Both give the same replies (``tests/unit/test_generation.py``). Interventions
-(hooks) apply to the prompt pass and every generated token. Decoding steps of 16 to 128
-rows use :func:`probes.kernels.rows_first_linears` (float32 on CPU).
+(hooks) apply to the prompt pass and every generated token. Passes of 2 to 128 rows use
+the rows-first matmul layout of :func:`probes.kernels.rows_first_linears` (float32 on CPU).
 """
 
 from __future__ import annotations

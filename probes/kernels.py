@@ -6,7 +6,7 @@ float32 matrix on CPU, the same product computed as ``(W @ x.T).T`` (the weight 
 left operand, untransposed; from 8 rows on, padded with zero rows to a multiple of 8, which
 keeps MKL on its fast kernels) runs faster with torch 2.13's MKL, as measured on the 2-CPU
 AVX2 machine of 2026-12-01: 1.1-1.8x on the embedded model's MLP matrices (4864 x 896 and
-back) and 1.3-2.7x on its output head (151936 x 896, where ``x @ W.T`` barely uses the
+back) and 1.3-3.5x on its output head (151936 x 896, where ``x @ W.T`` barely uses the
 second core). One decoding step of the embedded model, in isolation: 2 rows 329 -> 183 ms,
 8 rows 534 -> 343 ms, 21 rows 530 -> 463 ms, 40 rows 885 -> 692 ms. The result is copied
 back to row-major; on small matrices (SmolLM2's 576 x 1536) that copy ate the gain, so
@@ -66,9 +66,20 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    """Whether ``REFUSALBENCH_ROWS_FIRST`` leaves the layout on (the default)."""
-    return os.environ.get(ROWS_FIRST_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether ``REFUSALBENCH_ROWS_FIRST`` leaves the layout on (the default, also when
+    unset or empty); any value other than 1/0, true/false, yes/no, on/off is an error."""
+    value = os.environ.get(ROWS_FIRST_ENV, "").strip().lower()
+    if value in ("", *_ON):
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"{ROWS_FIRST_ENV}={os.environ[ROWS_FIRST_ENV]!r} is not understood: "
+                     f"set it to 0 (nn.Linear's own matmul layout) or 1 (rows-first, the "
+                     f"default), or unset it")
 
 
 def layout_tag(dtype: torch.dtype, device: torch.device | str) -> str:

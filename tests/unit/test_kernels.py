@@ -110,9 +110,13 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch, no_threshold: None)
         monkeypatch.setenv(ROWS_FIRST_ENV, off)
         with rows_first_linears(model) as n:
             assert n == 0
-    monkeypatch.setenv(ROWS_FIRST_ENV, "1")
-    with rows_first_linears(model) as n:
-        assert n == 1
+    for on in ("1", "on", ""):
+        monkeypatch.setenv(ROWS_FIRST_ENV, on)
+        with rows_first_linears(model) as n:
+            assert n == 1
+    monkeypatch.setenv(ROWS_FIRST_ENV, "maybe")
+    with pytest.raises(ValueError, match="REFUSALBENCH_ROWS_FIRST='maybe' is not understood"):
+        layout_tag(torch.float32, "cpu")
 
 
 def test_row_window_hooks_edits_and_exceptions(no_threshold: None) -> None:
