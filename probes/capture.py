@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from probes.kernels import rows_first_linears
+from probes.kernels import few_row_linears
 from probes.layout import ResidualLayout
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
@@ -232,13 +232,13 @@ def last_position_logits(
     batch = split_prefix_batch(rows, p, pad_id(tokenizer), device)
     if p <= 0:
         try:
-            with rows_first_linears(model):  # the output head sees one row per text
+            with few_row_linears(model):  # the output head sees one row per text
                 out = model_any(**batch, use_cache=False, logits_to_keep=1)
         except TypeError:  # a model class without ``logits_to_keep``
             out = model_any(**batch, use_cache=False)
     else:
         cache = prefix_kv_cache(model_any.get_decoder(), batch["input_ids"][:1, :p], len(rows))
-        with rows_first_linears(model):
+        with few_row_linears(model):
             out = model_any(input_ids=batch["input_ids"][:, p:],
                             attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"][:, p:],

@@ -7,8 +7,8 @@ token leaves the batch, so a batch where half the replies are short refusals sto
 for them. Other models (sliding-window or linear attention, a generation config with
 logits processors) go through ``transformers``' ``generate``, which keeps finished rows in
 the batch. Both give the same replies (``tests/unit/test_generation.py``). Interventions
-(hooks) apply to the prompt pass and every generated token. Passes of 2 to 128 rows use
-the rows-first matmul layout of :func:`probes.kernels.rows_first_linears` (float32 on CPU).
+(hooks) apply to the prompt pass and every generated token. Passes of 1 to 128 rows use
+the few-row matmul kernels of :func:`probes.kernels.few_row_linears` (float32 on CPU).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from probes.capture import (
     split_prefix_batch,
     with_cache,
 )
-from probes.kernels import rows_first_linears
+from probes.kernels import few_row_linears
 
 __all__ = ["Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
            "prefix_sharing_supported", "stop_token_ids"]
@@ -281,7 +281,7 @@ def generate(
             rows.index = rows.groups[torch.tensor(idx, dtype=torch.long,
                                                   device=rows.groups.device)]
         try:
-            with rows_first_linears(model):
+            with few_row_linears(model):
                 new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops,
                                       max_new_tokens, share_prefix, fast, drop_finished,
                                       device, rows, follow)

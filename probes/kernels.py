@@ -1,25 +1,34 @@
-"""A faster float32 matmul layout for the few-row passes of decoding, on CPU.
+"""Faster float32 matmuls for the few-row passes of decoding, on CPU.
 
 A decoding step multiplies a few rows (one per sequence still writing) by every weight
-matrix of the model. ``nn.Linear`` computes ``x @ W.T``; for 2 to 128 rows and a large
-float32 matrix on CPU, the same product computed as ``(W @ x.T).T`` (the weight as the tall
-left operand, untransposed; from 8 rows on, padded with zero rows to a multiple of 8, which
-keeps MKL on its fast kernels) runs faster with torch 2.13's MKL, as measured on the 2-CPU
-AVX2 machine of 2026-12-01: 1.1-1.8x on the embedded model's MLP matrices (4864 x 896 and
-back) and 1.3-3.5x on its output head (151936 x 896, where ``x @ W.T`` barely uses the
-second core). One decoding step of the embedded model, in isolation: 2 rows 329 -> 183 ms,
-8 rows 534 -> 343 ms, 21 rows 530 -> 463 ms, 40 rows 885 -> 692 ms. The result is copied
-back to row-major; on small matrices (SmolLM2's 576 x 1536) that copy ate the gain, so
-only matrices of at least 4 Mi weights switch: the embedded model's MLP and head, SmolLM2's
-head. One row (the one-prompt loop) gains nothing and keeps ``nn.Linear``.
+matrix of the model. ``nn.Linear`` computes ``x @ W.T`` with MKL, whose kernels for a few
+rows and a large float32 matrix run far below the machine's peak on the 2-CPU AVX2 machine of
+2026-12-01 (torch 2.13). While :func:`few_row_linears` is open, the model's large float32 CPU
+``nn.Linear`` modules (at least 4 Mi weights: the embedded model's MLP and output head,
+SmolLM2's head) compute passes of
 
-:func:`rows_first_linears` switches a model's qualifying ``nn.Linear`` modules while it is
-open; passes with fewer or more rows, other dtypes and other devices keep ``nn.Linear``'s
-own. The numbers are the same product summed in another order (float32 rounding):
+* 1 row and 8 to 128 rows with oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the
+  op behind torch's own mkldnn linear; weights read at call time, row-major result). Measured
+  against ``nn.Linear`` (ad-hoc microbenchmarks, medians of interleaved calls): the output
+  head (151936 x 896) 1 row 41 -> 18 ms, 8 rows 134 -> 55 ms, 21 rows 158 -> 81 ms, 40 rows
+  245 -> 149 ms; the MLP's 4864 x 896 at 24 rows 5.1 -> 3.2 ms. Against the rows-first layout
+  below it is 1.1-1.7x faster from 8 rows on.
+* 2 to 7 rows in the rows-first layout :func:`rows_first_linear`: the same product computed
+  as ``(W @ x.T).T`` (the weight as MKL's tall left operand) and copied back to row-major;
+  there it beats oneDNN on the head (2 rows 95 -> 40 ms against oneDNN's 43, 4 rows 117 -> 40
+  against 49) and ties on the MLP.
+
+End to end, make perf's steered workload (40 prompts x 48 new tokens, embedded model) ran
+28.5 s with the rows-first layout alone and 25.7 s with this split (ad-hoc, same replies).
+Prompt passes of more rows keep ``nn.Linear`` (MKL is as fast or faster there), as do other
+dtypes, devices and small matrices (where neither kernel paid: SmolLM2's 576-wide ones).
+
+The numbers are the same product summed in another order (float32 rounding):
 ``tests/unit/test_kernels.py`` checks the values, and the generation tests compare replies
-with it on and off and with ``transformers``' ``generate``. ``REFUSALBENCH_ROWS_FIRST=0``
-turns it off (to check a figure, or on a machine where it does not pay); the generation
-cache keys which layout produced a reply (:func:`layout_tag`).
+with the kernels on and off and with ``transformers``' ``generate``.
+``REFUSALBENCH_ROWS_FIRST=0`` turns both off (to check a figure, or on a machine where they do
+not pay); the generation cache keys which kernels produced a reply (:func:`layout_tag`). Where
+torch was built without oneDNN, the rows-first layout covers 2 to 128 rows as before.
 """
 
 from __future__ import annotations
@@ -27,18 +36,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ROWS_FIRST_ENV", "ROWS_FIRST_MIN_WEIGHTS", "ROWS_FIRST_RANGE", "layout_tag",
-           "rows_first_linear", "rows_first_linears"]
+__all__ = ["FEW_ROWS", "ONEDNN_FROM", "ROWS_FIRST_ENV", "ROWS_FIRST_MIN_WEIGHTS",
+           "few_row_linears", "kernel_for", "layout_tag", "onednn_available", "onednn_linear",
+           "rows_first_linear"]
 
 ROWS_FIRST_ENV = "REFUSALBENCH_ROWS_FIRST"
-ROWS_FIRST_RANGE = (2, 128)  # rows (tokens in the pass) for which the layout is used
+FEW_ROWS = (1, 128)  # rows (tokens in the pass) that leave nn.Linear
+ONEDNN_FROM = 8  # oneDNN for 1 row and from 8 rows; rows-first for 2 to 7
 ROWS_FIRST_MIN_WEIGHTS = 1 << 22  # matrices of at least 4 Mi weights (16 MiB in float32)
 
 
@@ -58,11 +69,44 @@ def rows_first_linear(x: torch.Tensor, weight: torch.Tensor,
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@cache
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's float32 linear op (and it runs)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+            return False
+        y = op(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.equal(y, torch.full((2, 4), 3.0)))
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by oneDNN's matmul (float32 CPU)."""
+    y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return y
+
+
+def kernel_for(rows: int) -> str:
+    """Which kernel a switched module uses for a pass of ``rows`` rows: ``"onednn"``,
+    ``"rows-first"`` or ``"linear"`` (``nn.Linear``'s own)."""
+    lo, hi = FEW_ROWS
+    if not lo <= rows <= hi:
+        return "linear"
+    if onednn_available() and (rows == 1 or rows >= ONEDNN_FROM):
+        return "onednn"
+    return "rows-first" if rows >= 2 else "linear"
+
+
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    lo, hi = ROWS_FIRST_RANGE
-    if lo <= rows <= hi and x.dtype == module.weight.dtype:
-        return rows_first_linear(x, module.weight, module.bias)
+    if x.dtype == module.weight.dtype and x.dim():
+        kind = kernel_for(x.numel() // x.shape[-1])
+        if kind == "onednn":
+            return onednn_linear(x, module.weight, module.bias)
+        if kind == "rows-first":
+            return rows_first_linear(x, module.weight, module.bias)
     return F.linear(x, module.weight, module.bias)
 
 
@@ -78,27 +122,30 @@ def enabled() -> bool:
     if value in _OFF:
         return False
     raise ValueError(f"{ROWS_FIRST_ENV}={os.environ[ROWS_FIRST_ENV]!r} is not understood: "
-                     f"set it to 0 (nn.Linear's own matmul layout) or 1 (rows-first, the "
-                     f"default), or unset it")
+                     f"set it to 0 (nn.Linear's own matmuls) or 1 (the few-row kernels of "
+                     f"probes.kernels, the default), or unset it")
 
 
 def layout_tag(dtype: torch.dtype, device: torch.device | str) -> str:
-    """Which matmul layout decoding uses for a model of ``dtype`` on ``device`` (part of
-    the generation cache key: the layouts round differently, so a greedy tie could flip)."""
+    """Which matmul kernels decoding uses for a model of ``dtype`` on ``device`` (part of
+    the generation cache key: the kernels round differently, so a greedy tie could flip)."""
     on = enabled() and dtype == torch.float32 and torch.device(device).type == "cpu"
-    return "rows-first" if on else "linear"
+    if not on:
+        return "linear"
+    return "onednn+rows-first" if onednn_available() else "rows-first"
 
 
 @contextmanager
-def rows_first_linears(model: nn.Module) -> Iterator[int]:
-    """Use :func:`rows_first_linear` for the model's large float32 CPU ``nn.Linear`` modules
-    (at least :data:`ROWS_FIRST_MIN_WEIGHTS` weights) in passes of 2 to 128 rows.
+def few_row_linears(model: nn.Module) -> Iterator[int]:
+    """Use the few-row kernels (:func:`kernel_for`) for the model's large float32 CPU
+    ``nn.Linear`` modules (at least :data:`ROWS_FIRST_MIN_WEIGHTS` weights) in passes of 1 to
+    128 rows.
 
     Yields how many modules were switched (0 when off, or for other dtypes and devices).
     Modules of a ``nn.Linear`` subclass, or with a ``forward`` of their own already set on
     the instance (another wrapper's, or an enclosing call of this), are left alone, except
-    the output head's contiguous-input forward that :func:`probes.models.load` sets (this
-    layout reads any input); every switched module gets its forward back on exit. Hooks on
+    the output head's contiguous-input forward that :func:`probes.models.load` sets (these
+    kernels read any input); every switched module gets its forward back on exit. Hooks on
     the modules run as before, and weights are read at call time, so in-place edits
     (abliteration) apply.
     """

@@ -15,7 +15,7 @@ from probes.generation import (
     plain_greedy,
     prefix_sharing_supported,
 )
-from probes.kernels import ROWS_FIRST_ENV, ROWS_FIRST_RANGE, rows_first_linears
+from probes.kernels import ONEDNN_FROM, ROWS_FIRST_ENV, few_row_linears
 from probes.models import LoadedModel, load
 
 RaggedStop = Callable[[LoadedModel, list[str], int], int]
@@ -159,11 +159,11 @@ def test_real_model_ragged_batch_keeps_replies(real_model: LoadedModel) -> None:
 def test_real_model_rows_first_layout_keeps_replies(
     real_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rows-first matmul layout of decoding steps (probes.kernels, on for the embedded
-    model's MLP and head in float32) gives the replies of ``nn.Linear``'s own layout."""
+    """The few-row matmul kernels of decoding steps (probes.kernels, on for the embedded
+    model's MLP and head in float32) give the replies of ``nn.Linear``'s own matmuls."""
     p = real_model.format(LONG_AND_SHORT)
-    assert len(p) >= ROWS_FIRST_RANGE[0] + 8  # padded passes, and unpadded ones as rows end
-    with rows_first_linears(real_model.model) as n:
+    assert len(p) >= ONEDNN_FROM + 2  # oneDNN passes, and rows-first ones as rows end
+    with few_row_linears(real_model.model) as n:
         assert n > 0 or real_model.dtype != torch.float32
     monkeypatch.setenv(ROWS_FIRST_ENV, "0")
     off = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))

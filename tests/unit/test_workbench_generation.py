@@ -12,7 +12,7 @@ from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import BenchConfig, Progress, Workbench
 from probes.cache import ActivationCache
 from probes.interventions import count_hooks, plan_raw, steer
-from probes.kernels import ROWS_FIRST_ENV
+from probes.kernels import ROWS_FIRST_ENV, layout_tag
 from probes.models import load
 
 
@@ -71,14 +71,16 @@ def test_arms_generated_together_equal_each_arm_alone(tmp_path: Path) -> None:
 
 def test_generation_key_names_the_matmul_layout(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replies decoded with the rows-first layout (probes.kernels) and with nn.Linear's own
-    are cached apart: the layouts round differently."""
+    """Replies decoded with the few-row kernels (probes.kernels) and with nn.Linear's own
+    are cached apart: they round differently."""
     bench = _bench(tmp_path)
     harm = bench.harmful_split.test.sample(2, 0, "category")
     monkeypatch.setattr(bench.lm, "dtype", torch.float32)  # the layout is float32-only
     monkeypatch.setenv(ROWS_FIRST_ENV, "1")
     on, on_src, _ = bench._gen_entry(harm, "none", 8)
+    on_tag = layout_tag(torch.float32, "cpu")  # "onednn+rows-first" where torch has oneDNN
     monkeypatch.setenv(ROWS_FIRST_ENV, "0")
     off, off_src, _ = bench._gen_entry(harm, "none", 8)
     assert on != off
-    assert '"matmul": "rows-first"' in on_src and '"matmul": "linear"' in off_src
+    assert on_tag != "linear"
+    assert f'"matmul": "{on_tag}"' in on_src and '"matmul": "linear"' in off_src
