@@ -114,7 +114,7 @@ _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def enabled() -> bool:
-    """Whether ``REFUSALBENCH_ROWS_FIRST`` leaves the layout on (the default, also when
+    """Whether ``REFUSALBENCH_ROWS_FIRST`` leaves the few-row kernels on (the default, also when
     unset or empty); any value other than 1/0, true/false, yes/no, on/off is an error."""
     value = os.environ.get(ROWS_FIRST_ENV, "").strip().lower()
     if value in ("", *_ON):
