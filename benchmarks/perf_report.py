@@ -87,6 +87,7 @@ def machine_info(torch_threads: int) -> dict[str, Any]:
     import torch
 
     from benchmarks.perf_work import cpu_model, environment_threads, package_version
+    from probes.kernels import layout_tag
 
     try:
         load_avg: list[float] | None = list(os.getloadavg())
@@ -105,6 +106,9 @@ def machine_info(torch_threads: int) -> dict[str, Any]:
         "packages": {name: package_version(name) for name in (
             "torch", "transformers", "transformer-lens", "steering-vectors", "refusalbench")},
         "torch_config": torch.__config__.parallel_info().splitlines()[:6],
+        # the suite's decoding matmuls for float32 CPU models (probes.kernels); other
+        # dtypes and devices use nn.Linear's own
+        "decoding_matmuls_float32_cpu": layout_tag(torch.float32, "cpu"),
     }
 
 
@@ -165,6 +169,8 @@ def render_table(doc: dict[str, Any], reports: Sequence[ModelReport]) -> str:
         f"{'  (--quick)' if doc['quick'] else ''}",
         f"load average at start {m['load_average_at_start']}, at end "
         f"{doc.get('load_average_at_end')}: timings on a busy machine are inflated",
+        f"suite's decoding matmuls for float32 CPU models: "
+        f"{m.get('decoding_matmuls_float32_cpu', 'not recorded')} (probes.kernels)",
     ]
     roof = doc.get("roofline")
     if roof:
