@@ -3,9 +3,9 @@
 A decoding step multiplies a few rows (one per sequence still writing) by every weight
 matrix of the model. ``nn.Linear`` computes ``x @ W.T`` with MKL, whose kernels for a few
 rows and a large float32 matrix run far below the machine's peak on the 2-CPU AVX2 machine of
-2026-12-01 (torch 2.13). While :func:`few_row_linears` is open, the model's large float32 CPU
-``nn.Linear`` modules (at least 4 Mi weights: the embedded model's MLP and output head,
-SmolLM2's head) compute passes of
+2026-12-01 (torch 2.13). While :func:`few_row_linears` is open, the model's float32 CPU
+``nn.Linear`` modules of at least 512 Ki weights (2 MiB; the embedded model's attention
+query/output, MLP and output head, SmolLM2's MLP and head) compute passes of
 
 * 1 row and 8 to 128 rows with oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the
   op behind torch's own mkldnn linear; weights read at call time, row-major result). Measured
@@ -18,12 +18,18 @@ SmolLM2's head) compute passes of
 * 2 to 7 rows in the rows-first layout :func:`rows_first_linear`: the same product computed
   as ``(W @ x.T).T`` (the weight as MKL's tall left operand) and copied back to row-major;
   there it beats oneDNN on the head (2 rows 95 -> 40 ms against oneDNN's 43, 4 rows 117 -> 40
-  against 49) and ties on the MLP.
+  against 49), ties on the MLP, and beats both at 2-4 rows on the 0.8-1.5 Mi matrices.
 
-End to end, make perf's steered workload (40 prompts x 48 new tokens, embedded model) ran
-28.5 s with the rows-first layout alone and 25.7 s with this split (ad-hoc, same replies).
-Prompt passes of more rows keep ``nn.Linear`` (MKL is as fast or faster there), as do other
-dtypes, devices and small matrices (where neither kernel paid: SmolLM2's 576-wide ones).
+The size floor: over 8-40 rows, with each matrix read from memory as in a real step (ad-hoc
+sweeps of 16 shapes, 2026-12-01), oneDNN beat MKL on most shapes from about 0.5 Mi weights on
+(MKL time / oneDNN time 0.82-1.85, median about 1.3; two sweeps disagreed on 576 x 1536) and
+lost below (512 x 512: 0.86-0.91); the key/value projections (128 x 896, 192 x 576) ran
+1.1-1.9x slower with it. End to end, make perf's steered
+workload (40 prompts x 48 new tokens) ran 28.5 s with the rows-first layout alone and 25.7 s
+with this split on the embedded model (floor 4 Mi, ad-hoc, same replies); lowering the floor
+from 4 Mi to 512 Ki took SmolLM2 from 14.8 to 13.6 s and left the embedded model within the
+run-to-run spread (26.6 against 27.3 s, same replies). Prompt passes of more rows keep
+``nn.Linear`` (MKL is as fast or faster there), as do other dtypes and devices.
 
 The numbers are the same product summed in another order (float32 rounding):
 ``tests/unit/test_kernels.py`` checks the values, and the generation tests compare replies
@@ -52,7 +58,7 @@ __all__ = ["FEW_ROWS", "ONEDNN_FROM", "ROWS_FIRST_ENV", "ROWS_FIRST_MIN_WEIGHTS"
 ROWS_FIRST_ENV = "REFUSALBENCH_ROWS_FIRST"
 FEW_ROWS = (1, 128)  # rows (tokens in the pass) that leave nn.Linear
 ONEDNN_FROM = 8  # oneDNN for 1 row and from 8 rows; rows-first for 2 to 7
-ROWS_FIRST_MIN_WEIGHTS = 1 << 22  # matrices of at least 4 Mi weights (16 MiB in float32)
+ROWS_FIRST_MIN_WEIGHTS = 1 << 19  # matrices of at least 512 Ki weights (2 MiB in float32)
 
 
 def rows_first_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -130,11 +136,13 @@ def enabled() -> bool:
 
 def layout_tag(dtype: torch.dtype, device: torch.device | str) -> str:
     """Which matmul kernels decoding uses for a model of ``dtype`` on ``device`` (part of
-    the generation cache key: the kernels round differently, so a greedy tie could flip)."""
+    the generation cache key: the kernels round differently, so a greedy tie could flip),
+    with the size floor of the switched matrices, e.g. ``"onednn+rows-first>=512Ki"``."""
     on = enabled() and dtype == torch.float32 and torch.device(device).type == "cpu"
     if not on:
         return "linear"
-    return "onednn+rows-first" if onednn_available() else "rows-first"
+    kinds = "onednn+rows-first" if onednn_available() else "rows-first"
+    return f"{kinds}>={ROWS_FIRST_MIN_WEIGHTS >> 10}Ki"
 
 
 @contextmanager

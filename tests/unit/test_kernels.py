@@ -222,8 +222,11 @@ def test_replies_equal_with_the_layout_on_and_off(
 
 def test_layout_tag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ROWS_FIRST_ENV, raising=False)
+    floor = f">={kernels.ROWS_FIRST_MIN_WEIGHTS >> 10}Ki"
     assert layout_tag(torch.float32, "cpu") == (
-        "onednn+rows-first" if onednn_available() else "rows-first")
+        "onednn+rows-first" if onednn_available() else "rows-first") + floor
+    monkeypatch.setattr(kernels, "ROWS_FIRST_MIN_WEIGHTS", 1 << 22)
+    assert layout_tag(torch.float32, "cpu").endswith(">=4096Ki")  # the floor is in the key
     assert layout_tag(torch.bfloat16, "cpu") == "linear"
     assert layout_tag(torch.float32, "meta") == "linear"
     monkeypatch.setenv(ROWS_FIRST_ENV, "0")

@@ -78,7 +78,7 @@ def test_generation_key_names_the_matmul_layout(tmp_path: Path,
     monkeypatch.setattr(bench.lm, "dtype", torch.float32)  # the layout is float32-only
     monkeypatch.setenv(ROWS_FIRST_ENV, "1")
     on, on_src, _ = bench._gen_entry(harm, "none", 8)
-    on_tag = layout_tag(torch.float32, "cpu")  # "onednn+rows-first" where torch has oneDNN
+    on_tag = layout_tag(torch.float32, "cpu")  # e.g. "onednn+rows-first>=512Ki"
     monkeypatch.setenv(ROWS_FIRST_ENV, "0")
     off, off_src, _ = bench._gen_entry(harm, "none", 8)
     assert on != off
