@@ -31,6 +31,7 @@ from torch import nn
 
 from probes.kernels import few_row_linears
 from probes.layout import ResidualLayout
+from probes.packing import packed_mlps
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 Positions = Literal["last", "post_instruction", "all"]
@@ -232,13 +233,15 @@ def last_position_logits(
     batch = split_prefix_batch(rows, p, pad_id(tokenizer), device)
     if p <= 0:
         try:
-            with few_row_linears(model):  # the output head sees one row per text
+            with few_row_linears(model), packed_mlps(model, batch["attention_mask"]):
+                # the output head sees one row per text
                 out = model_any(**batch, use_cache=False, logits_to_keep=1)
         except TypeError:  # a model class without ``logits_to_keep``
-            out = model_any(**batch, use_cache=False)
+            with packed_mlps(model, batch["attention_mask"]):
+                out = model_any(**batch, use_cache=False)
     else:
         cache = prefix_kv_cache(model_any.get_decoder(), batch["input_ids"][:1, :p], len(rows))
-        with few_row_linears(model):
+        with few_row_linears(model), packed_mlps(model, batch["attention_mask"][:, p:]):
             out = model_any(input_ids=batch["input_ids"][:, p:],
                             attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"][:, p:],
@@ -346,7 +349,9 @@ def capture(
         select = _selector(positions, k, mask)
         if positions == "all":
             batch_lengths.append(mask.sum(-1).cpu())
+        fed = batch["input_ids"].shape[1]
         with (recording(layout, site, chosen, select, stop_after=True) as sinks,
+              packed_mlps(layout.decoder, mask[:, -fed:]),
               contextlib.suppress(_StopForward)):
             layout.decoder(**batch, **with_cache(layout.decoder, cache),
                            use_cache=cache is not None)

@@ -8,7 +8,8 @@ for them. Other models (sliding-window or linear attention, a generation config 
 logits processors) go through ``transformers``' ``generate``, which keeps finished rows in
 the batch. Both give the same replies (``tests/unit/test_generation.py``). Interventions
 (hooks) apply to the prompt pass and every generated token. Passes of 1 to 128 rows use
-the few-row matmul kernels of :func:`probes.kernels.few_row_linears` (float32 on CPU).
+the few-row matmul kernels of :func:`probes.kernels.few_row_linears` (float32 on CPU); the
+prompt pass runs the MLPs on the real tokens only (:func:`probes.packing.packed_mlps`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from probes.capture import (
     with_cache,
 )
 from probes.kernels import few_row_linears
+from probes.packing import packed_mlps
 
 __all__ = ["Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
            "prefix_sharing_supported", "stop_token_ids"]
@@ -128,8 +130,10 @@ def _greedy_decode(
     b = input_ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _cache_for(model, input_ids, p, b, rows)
-    out = model(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions[:, p:],
-                **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    with packed_mlps(model, mask[:, p:]):
+        out = model(input_ids=input_ids[:, p:], attention_mask=mask,
+                    position_ids=positions[:, p:], **with_cache(model, cache), use_cache=True,
+                    logits_to_keep=1)
     nxt = _greedy_pick(out.logits)
     last_pos = positions[:, -1]
     stop_set = set(int(s) for s in stops)

@@ -118,6 +118,19 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
     return None
 
 
+def dense_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLP sublayers of ``model``'s decoder blocks (modules with both an attention and an
+    MLP child), leaving out mixture-of-experts ones (an ``experts`` child)."""
+    out: list[nn.Module] = []
+    for module in model.modules():
+        if _child(module, _ATTN_NAMES) is None:
+            continue
+        mlp = _child(module, _MLP_NAMES)
+        if mlp is not None and not isinstance(getattr(mlp[1], "experts", None), nn.Module):
+            out.append(mlp[1])
+    return out
+
+
 def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
