@@ -13,7 +13,8 @@ same products, computed with a different number of rows).
 activation capture, first-token scores (:func:`probes.capture.last_position_logits`) and
 the prompt pass of generation. On make perf's steered workload (40 chat prompts, 732 real
 of 960 padded suffix tokens on the embedded model) the prompt pass took 5.87 -> 4.82 s
-(ad-hoc interleaved script, 5 repeats, same replies).
+and the whole workload (48 new tokens) 27.2 -> 25.2 s (ad-hoc interleaved scripts, same
+replies, 2026-12-01, the 2-CPU AVX2 machine, float32).
 
 Forward hooks on the MLP module itself (``mlp_out`` captures, interventions) still see the
 ``[batch, pos, d]`` input and output. Left alone: MLPs with an ``experts`` child
