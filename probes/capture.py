@@ -232,12 +232,11 @@ def last_position_logits(
     p = min(p, min(len(r) for r in rows) - 1)
     batch = split_prefix_batch(rows, p, pad_id(tokenizer), device)
     if p <= 0:
-        try:
-            with few_row_linears(model), packed_mlps(model, batch["attention_mask"]):
-                # the output head sees one row per text
-                out = model_any(**batch, use_cache=False, logits_to_keep=1)
-        except TypeError:  # a model class without ``logits_to_keep``
-            with packed_mlps(model, batch["attention_mask"]):
+        with packed_mlps(model, batch["attention_mask"]):
+            try:
+                with few_row_linears(model):  # the output head sees one row per text
+                    out = model_any(**batch, use_cache=False, logits_to_keep=1)
+            except TypeError:  # a model class without ``logits_to_keep``
                 out = model_any(**batch, use_cache=False)
     else:
         cache = prefix_kv_cache(model_any.get_decoder(), batch["input_ids"][:1, :p], len(rows))

@@ -12,15 +12,20 @@ same products, computed with a different number of rows).
 :func:`packed_mlps` is opened by the suite's own prompt passes over padded batches:
 activation capture, first-token scores (:func:`probes.capture.last_position_logits`) and
 the prompt pass of generation. On make perf's steered workload (40 chat prompts, 732 real
-of 960 padded suffix tokens on the embedded model) the prompt pass took 5.87 -> 4.82 s
-and the whole workload (48 new tokens) 27.2 -> 25.2 s (ad-hoc interleaved scripts, same
-replies, 2026-12-01, the 2-CPU AVX2 machine, float32).
+of 960 padded suffix tokens on the embedded model) the whole workload (48 new tokens) took
+27.2 -> 25.2 s, packing off against on (ad-hoc interleaved script, 3 repeats, same replies,
+2026-12-01, the 2-CPU AVX2 machine, float32); a first prototype of the same packing put the
+prompt pass alone at 5.87 -> 4.82 s. Activations came out bit-identical with MKL there; they
+may differ by float32 rounding elsewhere, as the kernels of ``probes.kernels`` do.
 
 Forward hooks on the MLP module itself (``mlp_out`` captures, interventions) still see the
-``[batch, pos, d]`` input and output. Left alone: MLPs with an ``experts`` child
-(mixture-of-experts routers may balance load across the batch), modules with a
-``forward`` of their own already set on the instance (another wrapper's), calls with other
-arguments or shapes (decoding steps feed one real token per row and are not packed).
+``[batch, pos, d]`` input and output; hooks on the MLP's own children (``gate_proj``,
+``down_proj``...) see the packed ``[1, real tokens, d]`` (the suite hooks none there).
+In-place weight edits (abliteration) apply: the MLP's own forward runs on the packed rows.
+Left alone: MLPs with an ``experts`` child (mixture-of-experts routers may balance load
+across the batch), modules with a ``forward`` of their own already set on the instance
+(another wrapper's), calls with other arguments or shapes (decoding steps feed one real
+token per row and are not packed).
 """
 
 from __future__ import annotations
