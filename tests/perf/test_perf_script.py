@@ -124,6 +124,10 @@ def check_steering_and_abliteration_parity(run: tuple[dict[str, Any], str]) -> N
     f = _figures(doc)
     loop = f["cmp.steer.loop_s"]["extra"]
     assert loop["same_text"] == loop["n"] == 8
+    ratio = f["cmp.steer.loop_ratio"]
+    suite, peer = f["cmp.steer.suite_s"]["samples"], f["cmp.steer.loop_s"]["samples"]
+    paired = [a / b for a, b in zip(suite, peer, strict=True)]
+    assert ratio["extra"]["per_round"] == pytest.approx(paired)
     if _peer_installed("steering_vectors"):
         sv = f["cmp.steer.sv_s"]["extra"]
         assert sv["same_text"] == sv["n"]
@@ -155,3 +159,15 @@ def test_a_missing_peer_is_reported_not_faked(monkeypatch: pytest.MonkeyPatch) -
     for task in ("acts.tl", "acts.sv", "gen.sv"):
         with pytest.raises(Unavailable, match="make perf"):
             w.build(task)
+
+
+def test_per_round_ratios_pair_each_round() -> None:
+    from benchmarks.perf_report import per_round, per_round_note
+
+    # the machine slows down between rounds: the per-round ratios stay put
+    rounds = per_round([10.0, 20.0, 15.0], [100.0, 200.0, 150.0])
+    assert rounds == pytest.approx([0.1, 0.1, 0.1])
+    assert per_round_note(rounds) == "; per round 0.1 / 0.1 / 0.1"
+    assert per_round_note([0.5]) == ""  # one round: the value says it already
+    with pytest.raises(ValueError):
+        per_round([1.0, 2.0], [1.0])
