@@ -68,14 +68,14 @@ def median(samples: Sequence[float]) -> float:
 
 
 def per_round(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """``a_i / b_i`` for every interleaved round: two tools timed back to back see about the
-    same machine speed, so these spread less with the machine's drift than the ratio of the
-    medians (which the figure keeps as its value, as issue 9 defines it)."""
+    """``a_i / b_i`` for every interleaved round (two tools timed back to back), to show how
+    far the ratio moved between rounds; the figure's value stays the ratio of the medians,
+    as issue 9 defines it."""
     return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def per_round_note(ratios: Sequence[float]) -> str:
-    """``"per round 0.087 / 0.128"`` (empty for a single round)."""
+    """``"; per round 0.087 / 0.128"``, to append to a note (empty for a single round)."""
     if len(ratios) < 2:
         return ""
     return "; per round " + " / ".join(f"{r:.3g}" for r in ratios)

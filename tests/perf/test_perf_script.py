@@ -164,7 +164,7 @@ def test_a_missing_peer_is_reported_not_faked(monkeypatch: pytest.MonkeyPatch) -
 def test_per_round_ratios_pair_each_round() -> None:
     from benchmarks.perf_report import per_round, per_round_note
 
-    # the machine slows down between rounds: the per-round ratios stay put
+    # the machine slows down between rounds; each round pairs the two tools' own times
     rounds = per_round([10.0, 20.0, 15.0], [100.0, 200.0, 150.0])
     assert rounds == pytest.approx([0.1, 0.1, 0.1])
     assert per_round_note(rounds) == "; per round 0.1 / 0.1 / 0.1"
