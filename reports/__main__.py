@@ -3,7 +3,16 @@
     python -m reports compare OLD.json NEW.json      # diff table; exit 1 on regressions
     python -m reports render A.json [B.json ...] -o OUT.html
 
-Exit status: 0 success (no regressions), 1 regressions found, 2 bad input.
+Exit status:
+  0  success (no regressions)
+  1  regressions found
+  2  bad input (unreadable or invalid report, missing output directory, usage)
+  3  refused: the reports are not comparable (no model fingerprint in common, a report of
+     a run that did not finish, or a hypothesis whose version differs between the reports)
+
+``compare`` refuses rather than answering "0 regressions" when the answer would be
+meaningless; each reason is printed on stderr with what to do instead. ``render`` writes
+into an existing directory only.
 """
 
 from __future__ import annotations
@@ -12,8 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from reports.baseline import compare
+from reports.baseline import Comparison, compare
 from reports.document import ReportError, load_report
+
+EXIT_OK = 0
+EXIT_REGRESSIONS = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_COMPARABLE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,37 +37,71 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    cmp = commands.add_parser("compare", help="compare two JSON reports (baseline first)")
+    cmp = commands.add_parser(
+        "compare",
+        help="compare two JSON reports (baseline first)",
+        description="Compare two JSON reports (baseline first). Exit 0: no regressions; "
+        "1: regressions; 2: bad input; 3: refused, the reports are not comparable.",
+    )
     cmp.add_argument("old", type=Path, help="baseline report (JSON)")
     cmp.add_argument("new", type=Path, help="current report (JSON)")
     cmp.add_argument("--all", action="store_true", help="also list unchanged results")
     render = commands.add_parser("render", help="build one HTML page from JSON reports")
     render.add_argument("reports", type=Path, nargs="+", help="JSON reports to merge")
-    render.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
+    render.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="HTML file to write (its directory must exist)",
+    )
     render.add_argument("--title", default="refusalbench report")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "compare":
-            old, new = load_report(args.old), load_report(args.new)
-            comparison = compare(old, new)
-            print(f"baseline: {args.old}\ncurrent:  {args.new}")
-            print(comparison.format(show_same=args.all))
-            return 1 if comparison.regressions else 0
-        docs = [load_report(path) for path in args.reports]
-        from reports.html import write_html
-
-        if args.output.is_dir():
-            raise ReportError(f"output {args.output} is a directory")
-        write_html(args.output, docs, title=args.title)
-        print(f"HTML report: {args.output}")
-        return 0
+            return _compare(args.old, args.new, show_same=args.all)
+        return _render(args.reports, args.output, args.title)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+
+
+def _compare(old_path: Path, new_path: Path, show_same: bool) -> int:
+    old, new = load_report(old_path), load_report(new_path)
+    comparison = compare(old, new, f"the baseline {old_path}", f"the current report {new_path}")
+    print(f"baseline: {old_path}\ncurrent:  {new_path}")
+    print(comparison.format(show_same=show_same))
+    return _exit_status(comparison)
+
+
+def _exit_status(comparison: Comparison) -> int:
+    """Refusal first (nothing was compared), then regressions, then uncomparable claims."""
+    for line in comparison.problems():
+        print(f"error: {line}", file=sys.stderr)
+    if comparison.refused:
+        return EXIT_NOT_COMPARABLE
+    if comparison.regressions:
+        return EXIT_REGRESSIONS
+    if comparison.not_comparable:
+        return EXIT_NOT_COMPARABLE
+    return EXIT_OK
+
+
+def _render(paths: list[Path], output: Path, title: str) -> int:
+    if output.is_dir():
+        raise ReportError(f"output {output} is a directory")
+    if not output.parent.is_dir():
+        raise ReportError(
+            f"output directory {output.parent} is not an existing directory; create it first "
+            f"(mkdir -p {output.parent}) or choose another -o path"
+        )
+    docs = [load_report(path) for path in paths]
+    from reports.html import write_html
+
+    write_html(output, docs, title=title, make_parents=False)
+    print(f"HTML report: {output}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

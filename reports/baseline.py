@@ -5,6 +5,13 @@ when a verdict flips between pass and fail (either way: the baseline must be upd
 purpose), when a value moves further than the hypothesis' ``tolerance``, or when a
 verdict that existed becomes an error (or its test now fails before checking). Results
 present on one side only, skips and fixed errors are listed but do not fail the gate.
+
+Some pairs of reports cannot be compared at all, and the gate refuses them instead of
+answering "0 regressions": reports that share no model fingerprint (another model or other
+weights) and reports of runs that did not finish (their missing tests would read as
+"removed"). Rows of a hypothesis whose version differs between the reports are "not
+comparable": the claim changed, so its verdicts say nothing about the model. Differences in
+dtype, prompt sets, registry and run options are printed as notes.
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ from reports.measure import format_value
 Key = tuple[str, str, str, str]  # model ("" when none), nodeid, hypothesis, label
 
 
+# Run options that say where files go, not what was measured: never a note.
+_BOOKKEEPING_OPTIONS = frozenset({
+    "baseline", "update_baseline", "report_json", "report_html", "no_report", "hypotheses",
+    "cache_dir", "no_cache",
+})
+
+
 @dataclass(frozen=True)
 class Row:
-    status: str  # same moved flip drift error fixed skipped removed added
+    status: str  # same moved flip drift error fixed skipped removed added not_comparable
     regression: bool
     model: str | None
     nodeid: str
@@ -41,12 +55,40 @@ class Comparison:
     rows: list[Row] = field(default_factory=list)
     fingerprint_changes: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # why the reports cannot be compared
     old_cells: dict[Key, str] = field(default_factory=dict)  # key -> "pass 0.81 [0.7, 0.9]"
     new_cells: dict[Key, str] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[Row]:
         return [row for row in self.rows if row.regression]
+
+    @property
+    def not_comparable(self) -> list[str]:
+        """Hypotheses whose version differs between the reports (rows of both sides exist)."""
+        return sorted({row.hypothesis for row in self.rows if row.status == "not_comparable"})
+
+    @property
+    def refused(self) -> bool:
+        """The reports cannot be compared at all (no rows were compared)."""
+        return bool(self.refusals)
+
+    @property
+    def gate_fails(self) -> bool:
+        """Regressions, a refusal or claims that could not be compared: the gate says no."""
+        return bool(self.refusals or self.regressions or self.not_comparable)
+
+    def problems(self) -> list[str]:
+        """One line per reason the gate fails, for a terminal or stderr."""
+        lines = [f"comparison refused: {reason}" for reason in self.refusals]
+        if self.not_comparable:
+            lines.append(
+                f"not comparable: hypothesis version changed for {', '.join(self.not_comparable)}"
+                ": their verdicts cannot be held against the baseline; if the new version is "
+                "intended, accept this run as the baseline (pytest --baseline PATH "
+                "--update-baseline)"
+            )
+        return lines
 
     def as_json(self, path: str) -> dict[str, Any]:
         return {
@@ -55,17 +97,22 @@ class Comparison:
             "rows": [asdict(row) for row in self.rows],
             "fingerprint_changes": self.fingerprint_changes,
             "notes": self.notes,
+            "refusals": self.refusals,
+            "not_comparable": self.not_comparable,
         }
 
     def format(self, show_same: bool = False) -> str:
         """A plain-text diff table plus notes and a one-line summary."""
-        lines: list[str] = []
+        lines = [f"REFUSED: {reason}" for reason in self.refusals]
         for change in self.fingerprint_changes:
             lines.append(
                 f"model {change['model']!r}: fingerprint changed "
                 f"{', '.join(change['old']) or '-'} -> {', '.join(change['new']) or '-'}"
             )
         lines += self.notes
+        if self.refused:
+            lines.append("nothing compared: the reports are not comparable")
+            return "\n".join(lines)
         shown = [row for row in self.rows if show_same or row.status != "same"]
         if shown:
             headers = [
@@ -95,19 +142,40 @@ class Comparison:
             ]
             lines.append(format_table(headers, body))
         same = sum(row.status == "same" for row in self.rows)
+        apart = (
+            f"{len(self.not_comparable)} claim(s) not comparable, " if self.not_comparable else ""
+        )
         lines.append(
-            f"{len(self.regressions)} regression(s), {len(self.rows) - same} difference(s), "
-            f"{same} unchanged result(s)"
+            f"{len(self.regressions)} regression(s), {apart}{len(self.rows) - same} "
+            f"difference(s), {same} unchanged result(s)"
         )
         return "\n".join(lines)
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
-    """Compare two validated report documents (baseline first)."""
+def compare(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_name: str = "the baseline",
+    new_name: str = "this run",
+) -> Comparison:
+    """Compare two validated report documents (baseline first).
+
+    Reports that cannot be compared come back with ``refusals`` and no rows; the names
+    label the two sides in those messages.
+    """
+    result = Comparison()
+    result.fingerprint_changes = _fingerprint_changes(old, new)
+    result.notes = (
+        _registry_notes(old, new) + _dtype_notes(old, new) + _prompt_notes(old, new)
+        + _option_notes(old, new) + _model_notes(old, new, old_name, new_name)
+    )
+    result.refusals = incomplete_reasons(old, old_name) + incomplete_reasons(new, new_name)
+    result.refusals += _no_shared_model(old, new, old_name, new_name)
+    if result.refusals:
+        return result
     old_checks = _index(old)
     new_checks = _index(new)
     new_outcomes = {test["nodeid"]: test["outcome"] for test in new["tests"]}
-    result = Comparison()
     for key in sorted(set(old_checks) | set(new_checks)):
         before, after = old_checks.get(key), new_checks.get(key)
         if before is not None:
@@ -115,9 +183,65 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
         if after is not None:
             result.new_cells[key] = _cell(after)
         result.rows.append(_compare_one(key, before, after, new_outcomes))
-    result.fingerprint_changes = _fingerprint_changes(old, new)
-    result.notes = _registry_notes(old, new) + _dtype_notes(old, new)
     return result
+
+
+def incomplete_reasons(doc: dict[str, Any], name: str) -> list[str]:
+    """Why ``doc`` is the report of an unfinished run, as a refusal naming ``name``
+    (empty when the run finished)."""
+    if doc["complete"]:
+        return []
+    if doc["interrupted"]:
+        why = "the run was interrupted"
+    elif doc["exit_status"] is None:
+        why = "the run did not finish (killed, crashed or still running)"
+    else:
+        why = f"the run ended early (exit status {doc['exit_status']})"
+    return [
+        f"{name} is an incomplete report: {why}; it holds {len(doc['tests'])} test(s), and "
+        "tests it never ran would read as removed. Compare reports of finished runs (re-run "
+        "the suite; pytest --baseline PATH --update-baseline makes a new baseline)"
+    ]
+
+
+def _fingerprints(doc: dict[str, Any]) -> dict[str, set[str]]:
+    return _per_model(doc, lambda m: str(m["fingerprint"]))
+
+
+def _describe_models(models: dict[str, set[str]]) -> str:
+    return "; ".join(
+        f"{name} ({', '.join(fp[:12] for fp in sorted(fps))})"
+        for name, fps in sorted(models.items())
+    )
+
+
+def _no_shared_model(
+    old: dict[str, Any], new: dict[str, Any], old_name: str, new_name: str
+) -> list[str]:
+    """Refuse reports that both record models but no fingerprint in common: the baseline is
+    of another model (or other weights), so every verdict would be held against a stranger."""
+    before, after = _fingerprints(old), _fingerprints(new)
+    if not before or not after:
+        return []  # see _model_notes
+    if set().union(*before.values()) & set().union(*after.values()):
+        return []
+    return [
+        f"{old_name} and {new_name} share no model fingerprint (baseline: "
+        f"{_describe_models(before)}; current: {_describe_models(after)}). Compare reports of "
+        "the same model, or, if the model changed on purpose, accept this run as the new "
+        "baseline (pytest --baseline PATH --update-baseline)"
+    ]
+
+
+def _model_notes(
+    old: dict[str, Any], new: dict[str, Any], old_name: str, new_name: str
+) -> list[str]:
+    """A side without any model record cannot be checked for the same-model rule."""
+    return [
+        f"{name} records no model: its model fingerprint could not be checked"
+        for name, doc in ((old_name, old), (new_name, new))
+        if not doc["provenance"]["models"]
+    ] if old["provenance"]["models"] or new["provenance"]["models"] else []
 
 
 def _compare_one(
@@ -162,6 +286,12 @@ def _compare_one(
     if new_v == "error" and old_v != "error":
         regression = old_v in ("pass", "fail")
         return row("error", regression, f"was {old_v}, now error")
+    old_version, new_version = before["hypothesis_version"], after["hypothesis_version"]
+    if old_version != new_version:
+        return row(
+            "not_comparable", False,
+            f"hypothesis version {old_version} -> {new_version}: the claim changed",
+        )
     if old_v == "error" and new_v != "error":
         return row("fixed", False, f"was error, now {new_v}")
     if "skipped" in (old_v, new_v):
@@ -249,8 +379,59 @@ def _registry_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for hid, spec in new_reg["hypotheses"].items():
         previous = old_reg["hypotheses"].get(hid)
         if previous is not None and previous["version"] != spec["version"]:
-            notes.append(f"hypothesis {hid}: version {previous['version']} -> {spec['version']}")
+            notes.append(
+                f"hypothesis {hid}: version {previous['version']} -> {spec['version']} "
+                "(its results are not comparable)"
+            )
+    if old_reg["sha256"] != new_reg["sha256"] and old_reg["sha256"] and new_reg["sha256"]:
+        notes.append(f"registry file changed (sha256 {old_reg['sha256'][:12]} -> "
+                     f"{new_reg['sha256'][:12]})")
     return notes
+
+
+def _prompt_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """A prompt set with other contents (sha256) or another size than in the baseline."""
+    def digest(entry: dict[str, Any]) -> str:
+        return f"{entry['sha256'][:12]} (n={entry['n']})"
+
+    before, after = (
+        _by_name(d["provenance"]["prompt_sets"], digest) for d in (old, new)
+    )
+    return [
+        f"prompt set {name!r}: {', '.join(sorted(before[name]))} in the baseline, "
+        f"{', '.join(sorted(after[name]))} now: the prompts differ"
+        for name in sorted(set(before) & set(after))
+        if before[name] != after[name]
+    ]
+
+
+def _by_name(entries: list[dict[str, Any]], value: Callable[[dict[str, Any]], str]
+             ) -> dict[str, set[str]]:
+    named: dict[str, set[str]] = {}
+    for entry in entries:
+        named.setdefault(entry["name"], set()).add(value(entry))
+    return named
+
+
+def _option_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Run options (profile, seed, layers, alphas, sample sizes...) that differ: the figures
+    were measured another way, which explains moves but does not make them regressions."""
+    before = _run_options(old)
+    after = _run_options(new)
+    return [
+        f"option {name}: {before.get(name, '(not recorded)')!r} in the baseline, "
+        f"{after.get(name, '(not recorded)')!r} now"
+        for name in sorted((set(before) | set(after)) - _BOOKKEEPING_OPTIONS)
+        if before.get(name) != after.get(name)
+    ]
+
+
+def _run_options(doc: dict[str, Any]) -> dict[str, Any]:
+    provenance = doc["provenance"]
+    options = dict(provenance["options"])
+    if "seed" not in options and provenance["seed"] is not None:
+        options["seed"] = provenance["seed"]
+    return options
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -89,8 +89,17 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     write_text_atomic(path, dumps(doc))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_text_atomic(path: Path, text: str, make_parents: bool = True) -> None:
+    """Write ``text`` via a temporary file and a rename. Missing parent directories are
+    created only with ``make_parents`` (the plugin's paths, checked at option parsing);
+    otherwise a missing directory raises :class:`ReportError`."""
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise ReportError(
+            f"cannot write {path}: directory {path.parent} does not exist; create it first "
+            f"(mkdir -p {path.parent}) or choose another output path"
+        )
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -71,8 +71,15 @@ def render_html(docs: list[dict[str, Any]], title: str = "refusalbench report") 
     return template.render(title=title, **build_view(docs))
 
 
-def write_html(path: Path, docs: list[dict[str, Any]], title: str = "refusalbench report") -> None:
-    write_text_atomic(path, render_html(docs, title=title))
+def write_html(
+    path: Path,
+    docs: list[dict[str, Any]],
+    title: str = "refusalbench report",
+    make_parents: bool = True,
+) -> None:
+    """Render ``docs`` into one page at ``path`` (see :func:`write_text_atomic` for
+    ``make_parents``)."""
+    write_text_atomic(path, render_html(docs, title=title), make_parents=make_parents)
 
 
 def _finalize(value: Any) -> Any:

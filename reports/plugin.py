@@ -8,21 +8,31 @@ in the test process; at teardown ``pytest_runtest_makereport`` serialises it int
 without ``config.workerinput``) picks it up in ``pytest_runtest_logreport``, merges the phases
 of the test, and rewrites the JSON report atomically. Under pytest-xdist the workers never
 write files; the same code path runs without xdist.
+
+On SIGTERM the controller (in its main thread) writes both reports marked interrupted, puts
+the previous handler back and lets it act (by default: the process ends by the signal).
+With ``--baseline``, a comparison the gate refuses (no model fingerprint in common, an
+unfinished run, a hypothesis whose version changed) fails the run like a regression does,
+unless ``--update-baseline`` is accepting this run as the new baseline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 
-from reports.baseline import Comparison, compare, format_table
+from reports.baseline import Comparison, compare, format_table, incomplete_reasons
 from reports.document import (
     SCHEMA_VERSION,
     ReportError,
@@ -162,6 +172,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     controller = config.pluginmanager.get_plugin(_CONTROLLER_NAME)
     if controller is not None:
+        controller.restore_sigterm()
         config.pluginmanager.unregister(controller)
 
 
@@ -243,11 +254,16 @@ def _baseline(settings: Settings) -> dict[str, Any] | None:
     if settings.update_baseline and not settings.baseline.exists():
         return None
     try:
-        return load_report(settings.baseline)
+        doc = load_report(settings.baseline)
     except ReportError as exc:
         if settings.update_baseline:
             return None  # it is about to be replaced
         raise pytest.UsageError(f"--baseline: {exc}") from None
+    refusals = incomplete_reasons(doc, f"the baseline {settings.baseline}")
+    if refusals and not settings.update_baseline:
+        # Known before any test runs: say so now rather than after a long run.
+        raise pytest.UsageError(f"--baseline: comparison refused: {refusals[0]}")
+    return doc
 
 
 # -- claims: the marker and its validation at collection --------------------------------------
@@ -355,6 +371,8 @@ class _Controller:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self._previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None
+        self._sigterm_installed = False
 
     @property
     def state(self) -> RunState:
@@ -365,7 +383,77 @@ class _Controller:
         return self.config.stash[SETTINGS_KEY]
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._install_sigterm()
         self._write_partial()
+
+    # -- SIGTERM: keep both reports ---------------------------------------------------------
+
+    def _install_sigterm(self) -> None:
+        """Catch SIGTERM (only in the main thread: Python allows handlers nowhere else); a
+        SIGTERM that was ignored, or handled outside Python, is left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is None or previous == signal.SIG_IGN:
+            return
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_sigterm = previous
+        self._sigterm_installed = True
+
+    def restore_sigterm(self) -> Callable[[int, FrameType | None], Any] | int | None:
+        """Put the handler found at session start back; return it."""
+        previous = self._previous_sigterm
+        if self._sigterm_installed:
+            self._sigterm_installed = False
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+        return previous
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        previous = self.restore_sigterm()
+        if self.state.final is None:  # else the final reports are written or being written
+            self._write_interrupted(signum)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL: end the process by the signal, as if never caught
+            signal.raise_signal(signum)
+
+    def _write_interrupted(self, signum: int) -> None:
+        """Both reports, marked interrupted, exit status 128 + signal number (as shells do)."""
+        state, settings = self.state, self.settings
+        state.interrupted = True
+        doc = self._document(complete=False, exit_status=128 + signum)
+        state.final = doc
+        lines = [f"refusalbench: {signal.Signals(signum).name} received, run interrupted"]
+        for label, path, write in (
+            ("JSON", settings.report_json, write_json_atomic),
+            ("HTML", settings.report_html, _write_html),
+        ):
+            if path is None:
+                continue
+            try:
+                write(path, doc)
+            except Exception as exc:  # still end the run; say which report is missing
+                lines.append(f"{label} report failed: {type(exc).__name__}: {exc}")
+            else:
+                lines.append(f"{label} report (interrupted): {path}")
+        self._tell(lines)
+
+    def _tell(self, lines: list[str]) -> None:
+        """Show lines on the terminal even from inside a test (output capture suspended)."""
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        try:
+            if capture is not None:
+                capture.suspend_global_capture(in_=False)
+        except Exception:  # best effort: the reports matter, not the message
+            pass
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        for line in lines:
+            if terminal is not None:
+                terminal.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
+        sys.stdout.flush()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -405,10 +493,12 @@ class _Controller:
         complete = not state.interrupted and exitstatus != pytest.ExitCode.INTERRUPTED
         doc = self._document(complete=complete, exit_status=int(session.exitstatus))
         if state.baseline_doc is not None and settings.baseline is not None:
-            state.comparison = compare(state.baseline_doc, doc)
+            state.comparison = compare(
+                state.baseline_doc, doc, f"the baseline {settings.baseline}", "this run"
+            )
             doc["baseline"] = state.comparison.as_json(str(settings.baseline))
             if (
-                state.comparison.regressions
+                state.comparison.gate_fails
                 and not settings.update_baseline
                 and session.exitstatus == pytest.ExitCode.OK
             ):
@@ -425,9 +515,7 @@ class _Controller:
             write_json_atomic(settings.report_json, doc)
         if settings.report_html is not None:
             try:
-                from reports.html import write_html
-
-                write_html(settings.report_html, [doc])
+                _write_html(settings.report_html, doc)
             except Exception as exc:  # the JSON is written; say what went wrong, go on
                 state.notes.append(f"HTML report failed: {type(exc).__name__}: {exc}")
             else:
@@ -450,6 +538,7 @@ class _Controller:
             terminalreporter.write_sep("=", title)
             terminalreporter.write_line(f"baseline: {settings.baseline}")
             terminalreporter.write_line(state.comparison.format())
+            self._summarise_gate(terminalreporter, state.comparison)
             if state.comparison.regressions and not settings.update_baseline:
                 terminalreporter.write_line(
                     "REGRESSIONS against the baseline: the run fails. If the change is intended, "
@@ -466,6 +555,21 @@ class _Controller:
             terminalreporter.write_sep("-", "refusalbench reports")
             for line in lines:
                 terminalreporter.write_line(line)
+
+    def _summarise_gate(self, terminalreporter: Any, comparison: Comparison) -> None:
+        """Say in red why the gate fails beyond regressions (refusal, changed claims)."""
+        gating = not self.settings.update_baseline
+        lines: list[str] = []
+        if comparison.refused:
+            lines.append("baseline comparison REFUSED (see above)")
+        if comparison.not_comparable:
+            lines.append(comparison.problems()[-1])
+        for line in lines:
+            terminalreporter.write_line(
+                line + (": the run fails." if gating else " (accepted: updating the baseline)."),
+                red=gating,
+                bold=gating,
+            )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -507,6 +611,12 @@ class _Controller:
             ],
             "baseline": None,
         }
+
+
+def _write_html(path: Path, doc: dict[str, Any]) -> None:
+    from reports.html import write_html  # jinja2 and matplotlib: only when a page is written
+
+    write_html(path, [doc])
 
 
 def _test_entry(pending: PendingTest, registry: Registry) -> dict[str, Any]:

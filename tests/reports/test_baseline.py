@@ -127,12 +127,14 @@ def test_drift_beyond_tolerance_fails(suite: Bench) -> None:
     assert "|delta| 0.3 > tolerance 0.1" in result.stdout.str()
 
 
-def test_fingerprint_change_is_reported(suite: Bench) -> None:
+def test_fingerprint_change_is_reported_and_refused(suite: Bench) -> None:
+    # The only model has other weights now: nothing is shared, so the gate refuses.
     make_baseline(suite, 0.9)
     set_state(suite, 0.9, fingerprint="fp-2")
     result = suite.run("--baseline=base.json")
-    assert result.ret == 0
+    assert result.ret == 1
     assert "model 'tiny-a': fingerprint changed fp-1 -> fp-2" in result.stdout.str()
+    assert "share no model fingerprint" in result.stdout.str()
 
 
 def test_dtype_change_is_reported_with_the_flag_that_matches(suite: Bench) -> None:

@@ -66,6 +66,8 @@ def test_compare_flip_exits_1_with_a_table(bench: Bench, two_reports: tuple[Path
     for test in doc["tests"]:
         for check in test["checks"]:
             check["model"] = "tiny-a"
+    for model in [*doc["provenance"]["models"], *(m for t in doc["tests"] for m in t["models"])]:
+        model.update(name="tiny-a", fingerprint="fp-tiny-a")  # same model: comparable
     renamed = bench.path / "renamed.json"
     renamed.write_text(json.dumps(doc), encoding="utf-8")
     done = run_cli("compare", old, renamed, cwd=bench.path)
@@ -91,6 +93,7 @@ def test_render_merges_reports_into_one_matrix(
     bench: Bench, two_reports: tuple[Path, Path]
 ) -> None:
     out = bench.path / "merged" / "all.html"
+    out.parent.mkdir()
     done = run_cli("render", *two_reports, "-o", out, cwd=bench.path)
     assert done.returncode == 0, done.stderr
     html = out.read_text(encoding="utf-8")
