@@ -5,7 +5,8 @@ Top-level shape (``reports/report.schema.json`` is the exact contract)::
     {
       "schema_version": 1, "tool": "refusalbench",
       "complete": bool,            # false while running, after an interrupt or a crash
-      "interrupted": bool, "exit_status": int | null,
+      "interrupted": bool,         # Ctrl-C or SIGTERM
+      "exit_status": int | null,   # pytest's; 128 + signal number after SIGTERM
       "registry": {path, registry_version, sha256, hypotheses: {id: {...}}},
       "provenance": {started_at, finished_at, duration_s, invocation, options, seed,
                      packages, git, machine, python, models, prompt_sets, workers},
@@ -15,7 +16,8 @@ Top-level shape (``reports/report.schema.json`` is the exact contract)::
                   skip_reason, claims, model, models, prompts, metrics, tables,
                   plots, texts, checks} ... sorted by nodeid ],
       "collection_errors": [{nodeid, longrepr}],
-      "baseline": null | {path, regressions, rows, fingerprint_changes, notes}
+      "baseline": null | {path, regressions, rows, fingerprint_changes, notes,
+                          refusals, not_comparable}
     }
 """
 

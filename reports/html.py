@@ -190,6 +190,8 @@ def _claim_text(spec: dict[str, Any]) -> str:
 def _run_view(doc: dict[str, Any], index: int) -> dict[str, Any]:
     prov = doc["provenance"]
     baseline = doc.get("baseline")
+    if baseline:  # reports written before refusals existed lack these keys
+        baseline = {"refusals": [], "not_comparable": [], **baseline}
     return {
         "index": index,
         "complete": doc["complete"],

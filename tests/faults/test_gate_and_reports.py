@@ -148,6 +148,9 @@ def test_pytest_gate_refuses_another_model_until_the_baseline_is_updated(
     assert doc["exit_status"] == 1
     assert doc["baseline"]["rows"] == []
     assert "share no model fingerprint" in doc["baseline"]["refusals"][0]
+    html = (project.path / "run.html").read_text(encoding="utf-8")
+    assert "comparison refused" in html
+    assert "no regressions" not in html
 
     accepted = run(project, "--baseline=base.json", "--update-baseline", "--no-report")
     assert accepted.ret == pytest.ExitCode.OK
