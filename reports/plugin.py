@@ -95,6 +95,7 @@ class RunState:
     comparison: Comparison | None = None
     final: dict[str, Any] | None = None
     html_written: bool = False
+    reports_written: bool = False  # the final reports are on disk: a late SIGTERM keeps them
     notes: list[str] = field(default_factory=list)
 
 
@@ -411,7 +412,7 @@ class _Controller:
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         previous = self.restore_sigterm()
-        if self.state.final is None:  # else the final reports are written or being written
+        if not self.state.reports_written:
             self._write_interrupted(signum)
         if callable(previous):
             previous(signum, frame)
@@ -440,20 +441,26 @@ class _Controller:
         self._tell(lines)
 
     def _tell(self, lines: list[str]) -> None:
-        """Show lines on the terminal even from inside a test (output capture suspended)."""
+        """Show lines on the terminal even from inside a test (output capture suspended for
+        the time of writing, in case the previous handler lets the run go on)."""
         capture = self.config.pluginmanager.get_plugin("capturemanager")
-        try:
-            if capture is not None:
-                capture.suspend_global_capture(in_=False)
-        except Exception:  # best effort: the reports matter, not the message
-            pass
         terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-        for line in lines:
-            if terminal is not None:
-                terminal.write_line(line)
-            else:
-                sys.stderr.write(line + "\n")
-        sys.stdout.flush()
+        suspended = False
+        try:
+            if capture is not None and capture.is_globally_capturing():
+                capture.suspend_global_capture(in_=False)
+                suspended = True
+            for line in lines:
+                if terminal is not None:
+                    terminal.write_line(line)
+                else:
+                    sys.stderr.write(line + "\n")
+            sys.stdout.flush()
+        except Exception:  # best effort: the reports matter more than the message
+            pass
+        finally:
+            if suspended and capture is not None:
+                capture.resume_global_capture()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -520,6 +527,7 @@ class _Controller:
                 state.notes.append(f"HTML report failed: {type(exc).__name__}: {exc}")
             else:
                 state.html_written = True
+        state.reports_written = True
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
         state, settings = self.state, self.settings

@@ -273,7 +273,8 @@ def test_regressions_still_exit_1(project: pytest.Pytester) -> None:
 # -- 4. SIGTERM keeps both reports --------------------------------------------------------------
 
 
-def test_sigterm_writes_both_reports_marked_interrupted(project: pytest.Pytester) -> None:
+def terminate_mid_test(project: pytest.Pytester) -> tuple[int, str]:
+    """Start the suite plus a sleeping test in a subprocess, SIGTERM it while it sleeps."""
     project.makepyfile(test_zz_sleeps="""
         import pathlib, time
 
@@ -282,11 +283,10 @@ def test_sigterm_writes_both_reports_marked_interrupted(project: pytest.Pytester
             time.sleep(120)
     """)
     set_state(project.path)
-    json_path, html_path = project.path / "out.json", project.path / "out.html"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *FAST_ARGS, "-p", "pytester",
-         f"--report-json={json_path}", f"--report-html={html_path}"],
+         "--report-json=out.json", "--report-html=out.html"],
         cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -301,16 +301,43 @@ def test_sigterm_writes_both_reports_marked_interrupted(project: pytest.Pytester
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGTERM, output
-    assert "SIGTERM received, run interrupted" in output
-    doc = load_report(json_path)
+    return proc.returncode, output
+
+
+def assert_interrupted_reports(path: Path) -> None:
+    doc = load_report(path / "out.json")
     assert doc["interrupted"] is True
     assert doc["complete"] is False
     assert doc["exit_status"] == 128 + signal.SIGTERM
     assert [t["nodeid"] for t in doc["tests"]] == ["test_exp.py::test_effect"]
-    html = html_path.read_text(encoding="utf-8")
+    html = (path / "out.html").read_text(encoding="utf-8")
     assert "This run did not finish (interrupted)" in html
     assert "GT-HALF" in html
+
+
+def test_sigterm_writes_both_reports_marked_interrupted(project: pytest.Pytester) -> None:
+    returncode, output = terminate_mid_test(project)
+    assert returncode == -signal.SIGTERM, output  # then ends by the signal, as by default
+    assert "SIGTERM received, run interrupted" in output
+    assert "HTML report (interrupted):" in output
+    assert_interrupted_reports(project.path)
+
+
+def test_sigterm_hands_over_to_the_previous_handler(project: pytest.Pytester) -> None:
+    project.makeconftest("""
+        import os, pathlib, signal
+
+        def on_term(signum, frame):
+            pathlib.Path("previous-handler-ran").write_text(str(signum))
+            os._exit(7)
+
+        def pytest_configure(config):
+            signal.signal(signal.SIGTERM, on_term)
+    """)
+    returncode, output = terminate_mid_test(project)
+    assert returncode == 7, output
+    assert (project.path / "previous-handler-ran").read_text() == str(int(signal.SIGTERM))
+    assert_interrupted_reports(project.path)
 
 
 def test_sigterm_handler_is_restored_after_a_run(project: pytest.Pytester) -> None:
