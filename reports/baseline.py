@@ -198,7 +198,7 @@ def incomplete_reasons(doc: dict[str, Any], name: str) -> list[str]:
     else:
         why = f"the run ended early (exit status {doc['exit_status']})"
     return [
-        f"{name} is an incomplete report: {why}; it holds {len(doc['tests'])} test(s), and "
+        f"{name} is incomplete: {why}; it holds {len(doc['tests'])} test(s), and "
         "tests it never ran would read as removed. Compare reports of finished runs (re-run "
         "the suite; pytest --baseline PATH --update-baseline makes a new baseline)"
     ]

@@ -138,7 +138,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--baseline",
         metavar="PATH",
         default=None,
-        help="compare verdicts and values with this stored JSON report; regressions fail the run",
+        help="compare verdicts and values with this stored JSON report; regressions fail the "
+        "run, and so does a comparison it refuses (another model, an unfinished run, a "
+        "hypothesis whose version changed)",
     )
     group.addoption(
         "--update-baseline",

@@ -188,7 +188,7 @@ def test_compare_refuses_the_report_of_a_killed_run(project: pytest.Pytester) ->
 
     done = run_cli("compare", full, killed, cwd=project.path)
     assert done.returncode == 3, done.stdout + done.stderr
-    assert f"the current report {killed} is an incomplete report" in done.stderr
+    assert f"the current report {killed} is incomplete" in done.stderr
     assert "did not finish (killed, crashed or still running)" in done.stderr
     assert "only in baseline" not in done.stdout  # no rows: nothing reads as removed
 
@@ -196,7 +196,7 @@ def test_compare_refuses_the_report_of_a_killed_run(project: pytest.Pytester) ->
                               lambda d: d.update(complete=False, interrupted=True, exit_status=2))
     done = run_cli("compare", interrupted, full, cwd=project.path)
     assert done.returncode == 3
-    assert f"the baseline {interrupted} is an incomplete report: the run was interrupted" in (
+    assert f"the baseline {interrupted} is incomplete: the run was interrupted" in (
         done.stderr)
 
 
@@ -206,7 +206,7 @@ def test_pytest_refuses_an_incomplete_baseline_before_running(project: pytest.Py
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     error = result.stderr.str()
     assert "--baseline: comparison refused" in error
-    assert "is an incomplete report" in error
+    assert "is incomplete" in error
     assert "--update-baseline" in error
     # Accepting a new baseline over the incomplete one still works.
     result = run(project, f"--baseline={killed}", "--update-baseline", "--no-report")
