@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixtures.plugin import get_bench
+from fixtures.plugin import get_bench, session_models
 from fixtures.workbench import BenchConfig, Workbench
 from probes.geometry import (
     IMPRINT_FEATURES,
@@ -135,7 +135,7 @@ def test_imprint_features(bench: Workbench, measure: Any) -> None:
 def test_provider_effect(pytestconfig: pytest.Config, bench_config: BenchConfig,
                          measure: Any) -> None:
     """Do models of one provider lie closer in imprint feature space than of different ones?"""
-    benches = [get_bench(pytestconfig, spec) for spec in bench_config.models]
+    benches = [get_bench(pytestconfig, spec) for spec in session_models(pytestconfig)]
     providers = [b.lm.provider or None for b in benches]
     rows = []
     for b, prov in zip(benches, providers, strict=True):

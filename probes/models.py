@@ -22,8 +22,10 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,14 @@ from torch import nn
 from probes.chat import ChatFormat, TemplateMode
 from probes.errors import ModelFileError, ModelNotFound
 from probes.layout import ResidualLayout, find_layout
-from probes.paths import cache_root
+from probes.paths import atomic_write_bytes, cache_root
 from probes.tiny import TINY_ARCHS, tiny_model
 
 log = logging.getLogger(__name__)
 
 CONVERSION_VERSION = "1"
+FINGERPRINT_MEMO_VERSION = "2"  # <cache>/fingerprints/*.json: digest + the files it covers
+_HEX64 = re.compile("[0-9a-f]{64}")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -124,6 +128,20 @@ class LoadedModel:
 
 def known_aliases() -> list[str]:
     return sorted([*_ALIASES, *(f"tiny-{a}" for a in TINY_ARCHS)])
+
+
+def canonical_spec(spec: str) -> str:
+    """One spelling per way of naming the same model: the registry alias for any of its
+    aliases, the resolved path for a file or directory, else ``spec`` itself (tiny models,
+    hub ids). Two specs with the same canonical form load the same weights."""
+    if spec.startswith("tiny-"):
+        return spec
+    if spec in _ALIASES:
+        return _ALIASES[spec]
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        return str(path.resolve())
+    return spec
 
 
 def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
@@ -323,22 +341,49 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module
     return model.to(device), tok  # type: ignore[arg-type]
 
 
-def _dir_fingerprint(path: Path, config: Any, cache_dir: Path) -> str:
-    """sha256 over the weight files and config, memoised by (path, size, mtime)."""
+def _weight_stamp(path: Path) -> list[list[Any]]:
+    """(resolved path, size, mtime_ns) of every weight file in ``path``: what a memo of their
+    digest must still match."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-    stamp = json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-                        for p in files])
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _read_weights_memo(memo: Path, stamp: list[list[Any]]) -> str | None:
+    """The weights digest in ``memo`` if it is well formed and summarises exactly ``stamp``;
+    None (with a one-line warning for a damaged or stale memo) otherwise."""
+    if not memo.is_file():
+        return None
+    try:
+        data = json.loads(memo.read_text(encoding="utf-8"))
+        digest, recorded = data["sha256"], data["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        digest, recorded = None, None
+    if isinstance(digest, str) and _HEX64.fullmatch(digest) and recorded == stamp:
+        return digest
+    warnings.warn(f"weights fingerprint memo {memo} is malformed or stale; recomputing",
+                  stacklevel=3)
+    return None
+
+
+def _dir_fingerprint(path: Path, config: Any, cache_dir: Path) -> str:
+    """sha256 over the weight files and config.
+
+    Hashing gigabytes of weights is slow, so the weights digest is memoised in
+    ``<cache>/fingerprints/``; the memo records what it summarises (path, size and mtime of
+    every weight file) and is trusted only when that still matches and the digest is well
+    formed; otherwise it is recomputed and rewritten atomically.
+    """
+    stamp = _weight_stamp(path)
     memo_dir = cache_dir / "fingerprints"
-    memo_dir.mkdir(parents=True, exist_ok=True)
-    memo = memo_dir / (hashlib.sha256(stamp.encode()).hexdigest() + ".txt")
-    if memo.is_file():
-        weights = memo.read_text().strip()
-    else:
+    memo = memo_dir / (hashlib.sha256(json.dumps(stamp).encode()).hexdigest() + ".json")
+    weights = _read_weights_memo(memo, stamp)
+    if weights is None:
         h = hashlib.sha256()
-        for p in files:
-            h.update(_sha256_file(p).encode())
+        for name, _size, _mtime in stamp:
+            h.update(_sha256_file(Path(name)).encode())
         weights = h.hexdigest()
-        memo.write_text(weights)
+        record = {"format": FINGERPRINT_MEMO_VERSION, "files": stamp, "sha256": weights}
+        atomic_write_bytes(memo, json.dumps(record, indent=1).encode())
     return hashlib.sha256(f"dir:{weights}:{_config_digest(config)}".encode()).hexdigest()
 
 
