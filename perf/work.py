@@ -4,8 +4,8 @@ Every workload is built by :func:`build_task` from a :class:`Workloads` (a loade
 the inputs a task needs) and returns a zero-argument callable: the setup that is not part
 of the figure (booting a peer's wrapper, formatting prompts, deep copies a tool needs before
 it starts) happens in ``build_task``; the callable is the measured work. The parent process
-times the callables interleaved (``benchmarks.perf``); a child process
-(``benchmarks.perf_child``) runs one of them once to measure its peak memory.
+times the callables interleaved (``perf``); a child process
+(``perf.child``) runs one of them once to measure its peak memory.
 
 Tasks (``TASKS``):
 
