@@ -72,8 +72,6 @@ from probes.stats import (
 from prompts import PromptSet
 
 MIN_TRAIN = 40  # seed 001: >= 40 refusal vs >= 40 compliance prompts
-N_HARMFUL_FULL = 100  # held-out harmful prompts in the full profile
-N_HARMLESS_FULL = 64
 FISHER_ALPHA = 0.10  # seed 001's pass criterion (also in the registry)
 MIN_N_PER_CONDITION = 3
 EXPORT_CHECK_PROMPTS = 4
@@ -136,10 +134,8 @@ def _selection(bench: Workbench) -> Selection:
 
 def _test_sets(bench: Workbench) -> tuple[PromptSet, PromptSet]:
     cfg, s = bench.cfg, bench.cfg.seed
-    if cfg.profile == "full":
-        n_h, n_b = max(N_HARMFUL_FULL, cfg.n_gen), max(N_HARMLESS_FULL, cfg.n_gen)
-    else:
-        n_h = n_b = cfg.n_gen
+    min_h, min_b = cfg.defaults.ablation_min_test
+    n_h, n_b = max(min_h, cfg.n_gen), max(min_b, cfg.n_gen)
     return (bench.harmful_split.test.sample(n_h, s, "category"),
             bench.harmless_split.test.sample(n_b, s, "topic"))
 

@@ -39,7 +39,6 @@ import torch
 from fixtures.workbench import Workbench
 from probes.concept_cone import (
     MIN_CATEGORIES,
-    N_PER_CATEGORY,
     N_PERM,
     SEED_HARMLESS,
     SEED_SIZES,
@@ -81,7 +80,8 @@ SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
 @cache
 def cone(bench: Workbench) -> Cone:
     """Cone statistics of every layer with bootstrap and permutation replicates."""
-    harmful = cone_prompts(bench.harmful_split, bench.cfg.profile, bench.cfg.seed)
+    harmful = cone_prompts(bench.harmful_split, bench.cfg.defaults.cone_per_category,
+                           bench.cfg.seed)
     harmless = bench.train_pair()[1]
     if harmful is None:
         return Cone(None, harmless, [], [], {}, 0.0)
@@ -107,7 +107,7 @@ def _start(bench: Workbench, data: Cone, measure: Any, hyp: str) -> PromptSet:
     if data.harmful is not None:
         measure.prompts(data.harmful.name, data.harmful.sha256, len(data.harmful))
         return data.harmful
-    n = N_PER_CATEGORY.get(bench.cfg.profile, N_PER_CATEGORY["full"])
+    n = bench.cfg.defaults.cone_per_category
     measure.skip(hyp, f"fewer than {MIN_CATEGORIES} harm categories with {n} prompts in "
                       "the train + val splits")
     raise AssertionError("unreachable: measure.skip raises")
@@ -351,7 +351,8 @@ def test_cone_causal(bench: Workbench, measure: Any) -> None:
     harmful = _start(bench, data, measure, "CONE-CAUSAL")
     layer = causal_layer(bench.lm.n_layers)
     cats = list(data.stats[layer].categories)
-    held = causal_prompts(bench.harmful_split.test, cats, bench.cfg.profile, bench.cfg.seed)
+    held = causal_prompts(bench.harmful_split.test, cats,
+                          bench.cfg.defaults.cone_causal_per_category, bench.cfg.seed)
     measure.prompts(held.name, held.sha256, len(held))
     h = bench.acts(harmful, layers=[layer]).numpy()[:, 0]
     b = bench.acts(data.harmless, layers=[layer]).numpy()[:, 0]

@@ -78,9 +78,6 @@ from probes.stats import (
 )
 from prompts import PromptSet
 
-# Extra prompts per ``n_gen`` beyond bench.gen_pair(): (AdvBench validation, HarmBench).
-# full: 20 + 80 + 100 = 200 harmful prompts; quick: 8 + 8 + 16 = 32.
-EXTRA_PER_GEN = {"full": (4, 5), "quick": (1, 2)}
 TRAJECTORY_CACHE_VERSION = "1"
 N_EXAMPLE_TEXTS = 8
 
@@ -90,7 +87,7 @@ N_EXAMPLE_TEXTS = 8
 
 def _harmful_parts(bench: Workbench) -> list[tuple[str, PromptSet]]:
     seed, n_gen = bench.cfg.seed, bench.cfg.n_gen
-    extra_val, extra_hb = EXTRA_PER_GEN.get(bench.cfg.profile, EXTRA_PER_GEN["full"])
+    extra_val, extra_hb = bench.cfg.defaults.proceeds_extra_per_gen
     shared = bench.gen_pair()[0]
     val = bench.harmful_split.val
     taken = set(shared.texts)

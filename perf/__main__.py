@@ -93,10 +93,14 @@ class Settings:
                        gen_bs1_prompts=2, new_tokens=16, n_steer=8, steer_alpha=0.5,
                        dose_alphas="-1,0,1", dose_per_class=4, matmul_sizes=(2048,),
                        matmul_repeats=3, cold_load=bool(cold_load), memory=memory)
+        from fixtures.options import PROFILES
+
+        full = PROFILES["full"]  # the generation workloads are sized like `make bench`
         return cls(quick=False, repeats=repeats or 3, load_repeats=max(3, repeats or 3),
                    n_acts=128, n_compare=256, batch_size=64, gen_batch_sizes=(1, 8, 32, 64),
-                   gen_bs1_prompts=4, new_tokens=48, n_steer=40, steer_alpha=0.5,
-                   dose_alphas="-2:2:0.25", dose_per_class=20, matmul_sizes=(2048, 3072, 4096),
+                   gen_bs1_prompts=4, new_tokens=full.max_new_tokens, n_steer=40,
+                   steer_alpha=0.5, dose_alphas=full.alphas, dose_per_class=full.n_gen,
+                   matmul_sizes=(2048, 3072, 4096),
                    matmul_repeats=5, cold_load=cold_load is not False, memory=memory)
 
 

@@ -6,8 +6,8 @@ per-layer :class:`probes.geometry.ConeStatistics` with Holm-adjusted permutation
 The ``record_*`` functions put the figures in a report. Definitions: SCIENCE.md.
 
 Example:
-    harmful = cone_prompts(split, profile="quick", seed=0)
-    held = causal_prompts(split.test, sorted(set(harmful.label("category"))), "quick", 0)
+    harmful = cone_prompts(split, n=16, seed=0)
+    held = causal_prompts(split.test, sorted(set(harmful.label("category"))), n=4, seed=0)
 """
 
 from __future__ import annotations
@@ -32,14 +32,10 @@ from probes.geometry import (
 from probes.stats import Estimate, percentile_interval
 from prompts import PromptSet, Split
 
-# Prompts per category for fitting d_c, by profile (balanced, >= 15 each).
-N_PER_CATEGORY = {"quick": 16, "full": 24}
 MIN_CATEGORIES = 4
 # Permutation replicates: enough that a Holm-adjusted p over 24+ layers can reach 0.05
 # (the smallest p is 1 / (N_PERM + 1)). Replicates only re-weight Gram matrices: cheap.
 N_PERM = 999
-# Held-out prompts per category for the causal check (test split), by profile.
-N_CAUSAL = {"quick": 4, "full": 8}
 # Layer whose d_c is ablated in the causal check: the middle of the network (seed 000
 # steered layers 8-15 of 24; refusal directions from mid-depth ablate best, Arditi et al.).
 CAUSAL_LAYER_FRACTION = 0.5
@@ -55,11 +51,10 @@ def concat_prompt_sets(name: str, sets: Sequence[PromptSet]) -> PromptSet:
                      {k: tuple(v for s in sets for v in s.labels[k]) for k in keys})
 
 
-def cone_prompts(split: Split, profile: str, seed: int) -> PromptSet | None:
+def cone_prompts(split: Split, n: int, seed: int) -> PromptSet | None:
     """``n`` harmful prompts per category (train split first, then val), for every category
-    that has ``n`` of them; ``n`` = ``N_PER_CATEGORY[profile]``. Seeded by ``--seed``.
+    that has ``n`` of them (the profile's ``cone_per_category``). Seeded by ``seed``.
     None when fewer than ``MIN_CATEGORIES`` categories qualify."""
-    n = N_PER_CATEGORY.get(profile, N_PER_CATEGORY["full"])
     rng = np.random.default_rng(seed)
     parts: list[PromptSet] = []
     cats = sorted(set(split.train.label("category")) | set(split.val.label("category")))
@@ -188,10 +183,9 @@ def causal_layer(n_layers: int) -> int:
     return round(CAUSAL_LAYER_FRACTION * (n_layers - 1))
 
 
-def causal_prompts(test: PromptSet, categories: Sequence[str], profile: str, seed: int
-                   ) -> PromptSet:
-    """``N_CAUSAL[profile]`` held-out (test split) prompts of each category, seeded."""
-    n = N_CAUSAL.get(profile, N_CAUSAL["full"])
+def causal_prompts(test: PromptSet, categories: Sequence[str], n: int, seed: int) -> PromptSet:
+    """``n`` held-out (test split) prompts of each category (the profile's
+    ``cone_causal_per_category``), seeded."""
     parts = [test.where("category", c).sample(n, seed) for c in categories]
     return concat_prompt_sets(f"advbench/test/cone-causal[{len(parts)}x{n},seed={seed}]",
                               parts)
