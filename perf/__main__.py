@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from probes.progress import Progress
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("load", "activations", "generation", "doseresponse", "compare-acts",
             "compare-steer", "abliteration")
@@ -108,15 +110,6 @@ def perf_dtype() -> str:
     from perf.work import perf_dtype as dtype
 
     return dtype()
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        sys.stderr.write(f"[perf {time.monotonic() - self.t0:7.1f}s] {message}\n")
-        sys.stderr.flush()
 
 
 def _parse_sections(values: Sequence[str] | None) -> tuple[str, ...]:
@@ -775,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     models = tuple(args.models or DEFAULT_MODELS)
     settings = Settings.make(args.quick, args.repeats, not args.no_memory, args.cold_load)
-    progress = Progress()
+    progress = Progress(every_s=0.0, label="perf")
     doc: dict[str, Any] = {
         "schema": "refusalbench-perf/1", "date": now_iso(),
         "command": "python -m perf " + " ".join(sys.argv[1:] if argv is None
