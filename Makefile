@@ -51,6 +51,7 @@ perf: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean-cache:
 	rm -rf $${REFUSALBENCH_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/refusalbench}/activations

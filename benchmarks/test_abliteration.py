@@ -312,7 +312,7 @@ def test_export_reloads_to_the_same_logits(bench: Workbench, measure,  # type: i
                metadata={"edit": info.as_json(), "source_fingerprint": lm.fingerprint})
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=lm.dtype)
+        reloaded: Any = AutoModelForCausalLM.from_pretrained(str(target), dtype=lm.dtype)
         reloaded.eval()
         with torch.inference_mode():
             again = reloaded(**batch).logits[:, -1].float()

@@ -69,7 +69,8 @@ def _site_acts(bench: Workbench, site: Site) -> tuple[FloatArray, ...]:
 @cache
 def _analysis(bench: Workbench, site: Site = "resid_pre") -> SiteAnalysis:
     """Computed once per (model, site) and shared by every test of this module."""
-    return site_analysis(site, list(bench.layers), bench.lm.n_layers, *_site_acts(bench, site),
+    trp, trn, tep, ten = _site_acts(bench, site)
+    return site_analysis(site, list(bench.layers), bench.lm.n_layers, trp, trn, tep, ten,
                          n_boot=bench.cfg.n_boot, seed=_seed(bench, SITES.index(site)))
 
 
@@ -79,7 +80,8 @@ def _probe_correct(bench: Workbench, site: Site) -> tuple[np.ndarray, np.ndarray
     constant = _analysis(bench, site).constant
     bench.progress(f"[layers] probe per layer at {site} ({int((~constant).sum())} layers)",
                    force=True)
-    return probe_correct(*_site_acts(bench, site), constant, seed=bench.cfg.seed)
+    trp, trn, tep, ten = _site_acts(bench, site)
+    return probe_correct(trp, trn, tep, ten, constant, seed=bench.cfg.seed)
 
 
 # --------------------------------------------------------------------------- per layer

@@ -90,7 +90,8 @@ def _constant(bench: Workbench) -> dict[int, bool]:
 
 
 def _layer_acts(bench: Workbench, ps: PromptSet, layer: int) -> FloatArray:
-    return bench.acts(ps, layers=[layer]).numpy()[:, 0]
+    acts: FloatArray = bench.acts(ps, layers=[layer]).numpy()[:, 0]
+    return acts
 
 
 @cache

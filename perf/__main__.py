@@ -191,8 +191,8 @@ def _memory_figure(report: Any, fid: str, section: str, label: str, res: dict[st
         report.add(Figure(fid, section, label, None, "bytes", status=status,
                           note=res.get("unavailable") or res.get("error", "")))
         return
-    extra = {k: res[k] for k in ("baseline_rss_bytes", "work_peak_rss_bytes", "seconds",
-                                 "max_rss_bytes") if k in res}
+    extra: dict[str, Any] = {k: res[k] for k in ("baseline_rss_bytes", "work_peak_rss_bytes",
+                                                 "seconds", "max_rss_bytes") if k in res}
     # The weights are memory-mapped safetensors, paged in (and counted in RSS) when first
     # used: RSS before the task is not "the model", so the peak is reported whole.
     report.add(Figure(fid, section, label, float(res["max_rss_bytes"]), "bytes", target=target,
@@ -251,7 +251,7 @@ class Run:
         from perf.work import matmul_gflops
 
         if self.roofline is None:
-            per_size = {}
+            per_size: dict[str, dict[str, Any]] = {}
             for size in self.s.matmul_sizes:
                 rates = matmul_gflops(size, self.s.matmul_repeats)
                 per_size[str(size)] = {"samples": rates, "median": median(rates)}

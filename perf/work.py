@@ -362,8 +362,8 @@ class Workloads:
         prompts = self.gen_prompts()
         batches = self.batches(prompts)
         order = self._sorted_order(prompts)
-        model, tok, n, alpha = self.lm.model, self.lm.tokenizer, self.inputs.new_tokens, \
-            self.inputs.alpha
+        model: Any = self.lm.model  # a transformers model: generate() is not typed on nn.Module
+        tok, n, alpha = self.lm.tokenizer, self.inputs.new_tokens, self.inputs.alpha
         stops = stop_token_ids(model, tok)
         pad = tok.pad_token_id
 
@@ -384,7 +384,8 @@ class Workloads:
 
     def _gen_loop(self) -> Task:
         lm, n, plan = self.lm, self.inputs.new_tokens, self._steer_plan()
-        tok, model = lm.tokenizer, lm.model
+        tok = lm.tokenizer
+        model: Any = lm.model  # a transformers model: generate() is not typed on nn.Module
         stops = stop_token_ids(model, tok)
         ids = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
                for p in self.gen_prompts()]
@@ -446,7 +447,7 @@ class Workloads:
         @torch.no_grad()
         def run() -> float:
             # What an abliteration notebook does: copy, then edit the usual HF modules.
-            edited = copy.deepcopy(lm.model)
+            edited: Any = copy.deepcopy(lm.model)
             emb = edited.get_input_embeddings().weight  # [vocab, d]
             u = (r.float() / r.float().norm()).to(emb.dtype)  # in the weights' dtype
             emb -= torch.outer(emb @ u, u)
