@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ class Progress:
         self._every = every_s
         self._label = label
         self._t0 = time.monotonic()
-        self._last = 0.0
+        self._last = -math.inf  # the first line always shows
 
     def __call__(self, message: str, force: bool = False) -> None:
         now = time.monotonic()
