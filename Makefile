@@ -39,18 +39,19 @@ bench-quick: venv
 test: venv
 	$(PY) -m pytest tests -p no:cacheprovider -n 2 --no-report $(TEST_ARGS)
 
-# Timing and memory against the issues' targets and peer tools (see benchmarks/perf.py);
+# Timing and memory against the issues' targets and peer tools (see perf/__main__.py);
 # PERF_ARGS passes options, e.g. PERF_ARGS="--quick" or PERF_ARGS="--sections all".
 perf: venv
 	$(PIP) install -e ".[perf]"
 	# steering-vectors 0.12.2 declares transformers<5 but runs on 5.x: with its dependencies
 	# pip would replace transformers by 4.57, and inside the extra it cannot resolve at all.
 	$(PIP) install --no-deps "steering-vectors==0.12.2"
-	$(PY) -m benchmarks.perf $(PERF_ARGS)
+	$(PY) -m perf $(PERF_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean-cache:
 	rm -rf $${REFUSALBENCH_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/refusalbench}/activations

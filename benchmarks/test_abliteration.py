@@ -27,25 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 from fixtures.workbench import Workbench
 from probes.abliteration import (
     ArditiSweep,
-    LayerAUC,
     arditi_sweep,
     edit_key,
     export,
@@ -56,17 +52,26 @@ from probes.abliteration import (
     projection_auc,
     select_by_auc,
 )
+from probes.abliteration_results import (
+    NORM_PRESERVE,
+    Outcome,
+    Selection,
+    record_rate,
+    record_selection,
+)
 from probes.capture import left_pad_batch
 from probes.directions import mean_diff_per_layer
-from probes.generation import Generations
 from probes.judges import perplexity, refusal_judge
-from probes.stats import fisher_exact, mean_ci, rate, wilson_interval
+from probes.stats import (
+    fisher_exact,
+    mcnemar_one_sided_p,
+    mean_ci,
+    newcombe_difference,
+    rate,
+)
 from prompts import PromptSet
 
 MIN_TRAIN = 40  # seed 001: >= 40 refusal vs >= 40 compliance prompts
-N_HARMFUL_FULL = 100  # held-out harmful prompts in the full profile
-N_HARMLESS_FULL = 64
-NORM_PRESERVE = False  # the exact equivalent of the hook ablation
 FISHER_ALPHA = 0.10  # seed 001's pass criterion (also in the registry)
 MIN_N_PER_CONDITION = 3
 EXPORT_CHECK_PROMPTS = 4
@@ -82,19 +87,6 @@ def _cached_json(bench: Workbench, kind: str, key: dict[str, Any],
 
 
 # --------------------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    raw: np.ndarray  # [L, d] r_l from the train split
-    aucs: list[LayerAUC]
-    auc_layer: int
-    sweep: ArditiSweep
-    train: tuple[PromptSet, PromptSet]
-    val: tuple[PromptSet, PromptSet]
-    sweep_sets: tuple[PromptSet, PromptSet]
-    tied: list[int]
-    seconds: float
 
 
 @cache
@@ -140,33 +132,10 @@ def _selection(bench: Workbench) -> Selection:
 # --------------------------------------------------------------------------- behaviour
 
 
-@dataclass(frozen=True)
-class Outcome:
-    layer: int
-    key: str
-    direction: torch.Tensor
-    harmful: PromptSet
-    harmless: PromptSet
-    before_h: Generations
-    after_h: Generations
-    before_b: Generations
-    after_b: Generations
-    kl: np.ndarray  # [n_harmless]
-    ppl_original: np.ndarray
-    ppl_edited: np.ndarray
-    seconds: float
-
-    def edit(self, bench: Workbench) -> AbstractContextManager[Any]:
-        return orthogonalised(bench.lm.layout, self.direction, model=bench.lm.model,
-                              norm_preserve=NORM_PRESERVE, source_layer=self.layer)
-
-
 def _test_sets(bench: Workbench) -> tuple[PromptSet, PromptSet]:
     cfg, s = bench.cfg, bench.cfg.seed
-    if cfg.profile == "full":
-        n_h, n_b = max(N_HARMFUL_FULL, cfg.n_gen), max(N_HARMLESS_FULL, cfg.n_gen)
-    else:
-        n_h = n_b = cfg.n_gen
+    min_h, min_b = cfg.defaults.ablation_min_test
+    n_h, n_b = max(min_h, cfg.n_gen), max(min_b, cfg.n_gen)
     return (bench.harmful_split.test.sample(n_h, s, "category"),
             bench.harmless_split.test.sample(n_b, s, "topic"))
 
@@ -209,81 +178,6 @@ def _outcome(bench: Workbench) -> Outcome:
                    np.asarray(d["ppl_edited"], dtype=np.float64), time.perf_counter() - t0)
 
 
-def _newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
-    """p1 - p2 with Newcombe's hybrid score interval (method 10) from Wilson intervals."""
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson_interval(k1, n1)
-    l2, u2 = wilson_interval(k2, n2)
-    d = p1 - p2
-    return (d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-            d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
-
-
-def _mcnemar_p(before: np.ndarray, after: np.ndarray, direction: str) -> float:
-    """Exact one-sided McNemar p on paired outcomes (the same prompts before and after)."""
-    b = int(np.sum(before & ~after))  # refused before only
-    c = int(np.sum(~before & after))  # refused after only
-    if b + c == 0:
-        return 1.0
-    k = b if direction == "drop" else c
-    return float(scipy.stats.binomtest(k, b + c, 0.5, alternative="greater").pvalue)
-
-
-def _rate_metric(measure: Any, name: str, flags: np.ndarray) -> None:
-    e = rate(int(flags.sum()), len(flags))
-    measure.metric(name, e.value, ci=(e.lo, e.hi), n=len(flags))
-
-
-def _record_selection(bench: Workbench, measure: Any, sel: Selection) -> None:
-    sw = sel.sweep
-    layers = list(range(bench.lm.n_layers))
-
-    def num(d: dict[int, float], layer: int) -> float:
-        return d.get(layer, math.nan)
-
-    rows = []
-    for a in sel.aucs:
-        lyr = a.layer
-        rows.append([lyr, a.auc.value, a.auc.lo, a.auc.hi, a.cohens_d, num(sw.bypass, lyr),
-                     num(sw.induce, lyr), num(sw.kl, lyr),
-                     sw.reasons.get(lyr, "zero direction" if not a.valid else ""),
-                     ("AUC" if lyr == sel.auc_layer else "")
-                     + (" Arditi" if lyr == sw.selected else "")])
-    measure.table("direction_selection",
-                  ["layer", "auc", "auc_lo", "auc_hi", "cohens_d", "bypass_score",
-                   "induce_score", "kl_first_token", "arditi_note", "picked_by"], rows)
-    measure.metric("selected_layer_auc", sel.auc_layer)
-    measure.metric("layers_tied_at_max_auc", len(sel.tied))
-    measure.metric("selected_layer_arditi", math.nan if sw.selected is None else sw.selected)
-    chosen = sel.aucs[sel.auc_layer]
-    measure.metric("auc_heldout_at_selected_layer", chosen.auc.value,
-                   ci=(chosen.auc.lo, chosen.auc.hi), n=len(sel.val[0]) + len(sel.val[1]))
-    measure.metric("arditi_baseline_refusal_score_harmful", sw.baseline_harmful,
-                   n=len(sel.sweep_sets[0]), units="log-odds")
-    measure.metric("arditi_baseline_refusal_score_harmless", sw.baseline_harmless,
-                   n=len(sel.sweep_sets[1]), units="log-odds")
-    measure.metric("selection_seconds", sel.seconds, units="s")
-    bypass = [num(sw.bypass, lyr) for lyr in layers]
-    measure.plot(
-        "refusal_score_vs_direction_layer", "line", x=layers,
-        series={"harmful, r_l ablated everywhere (bypass)": bypass,
-                "harmless, r_l added at block l (induce)": [num(sw.induce, lyr)
-                                                            for lyr in layers]},
-        hlines=[(sw.baseline_harmful, "harmful, no intervention"),
-                (sw.baseline_harmless, "harmless, no intervention")],
-        shade=[(sw.prune_from - 0.5, bench.lm.n_layers - 0.5, "pruned (last 20 %)")],
-        xlabel="layer of the direction r_l", ylabel="mean refusal logit score (log-odds)",
-        title=f"Refusal vs direction layer (AUC pick L{sel.auc_layer}, Arditi pick "
-              f"{'none' if sw.selected is None else f'L{sw.selected}'}; "
-              f"{len(sel.sweep_sets[0])} + {len(sel.sweep_sets[1])} val prompts)")
-    measure.plot(
-        "heldout_auc_vs_layer", "line", x=layers,
-        series={"AUC": [a.auc.value for a in sel.aucs]},
-        bands={"AUC": ([a.auc.lo for a in sel.aucs], [a.auc.hi for a in sel.aucs])},
-        xlabel="layer", ylabel="held-out AUC of <h_l, r_l>",
-        title=f"Projection AUC on {len(sel.val[0])} + {len(sel.val[1])} val prompts")
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -291,18 +185,18 @@ def _record_selection(bench: Workbench, measure: Any, sel: Selection) -> None:
 def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:  # type: ignore[no-untyped-def]
     sel = _selection(bench)
     bench.record_model(measure, *sel.train, *sel.val)
-    _record_selection(bench, measure, sel)
+    record_selection(bench.lm.n_layers, measure, sel)
     out = _outcome(bench)
     measure.prompts(out.harmful.name, out.harmful.sha256, len(out.harmful))
     measure.texts("edit", [{"key": out.key, "layer": str(out.layer),
                             "norm_preserve": str(NORM_PRESERVE), "writers": "all"}])
     before, after = refusal_judge(out.before_h.texts), refusal_judge(out.after_h.texts)
     n = len(before)
-    _rate_metric(measure, "harmful_refusal_before", before)
-    _rate_metric(measure, "harmful_refusal_after", after)
-    d, lo, hi = _newcombe(int(after.sum()), n, int(before.sum()), n)
+    record_rate(measure, "harmful_refusal_before", before)
+    record_rate(measure, "harmful_refusal_after", after)
+    d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmful_refusal_change", d, ci=(lo, hi), n=2 * n)
-    measure.metric("mcnemar_p_refusal_drop", _mcnemar_p(before, after, "drop"), n=n)
+    measure.metric("mcnemar_p_refusal_drop", mcnemar_one_sided_p(before, after, "drop"), n=n)
     measure.metric("generation_seconds", out.before_h.seconds + out.after_h.seconds
                    + out.before_b.seconds + out.after_b.seconds, units="s")
     cats = sorted(set(out.harmful.label("category")))
@@ -350,11 +244,11 @@ def test_abliteration_does_not_raise_harmless_refusal(bench: Workbench, measure)
     bench.record_model(measure, out.harmless)
     before, after = refusal_judge(out.before_b.texts), refusal_judge(out.after_b.texts)
     n = len(before)
-    _rate_metric(measure, "harmless_refusal_before", before)
-    _rate_metric(measure, "harmless_refusal_after", after)
-    d, lo, hi = _newcombe(int(after.sum()), n, int(before.sum()), n)
+    record_rate(measure, "harmless_refusal_before", before)
+    record_rate(measure, "harmless_refusal_after", after)
+    d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmless_refusal_change", d, ci=(lo, hi), n=2 * n)
-    measure.metric("mcnemar_p_harmless_rise", _mcnemar_p(before, after, "rise"), n=n)
+    measure.metric("mcnemar_p_harmless_rise", mcnemar_one_sided_p(before, after, "rise"), n=n)
     measure.texts("harmless_replies", [
         {"prompt": p, "before": b, "after": a}
         for p, b, a in list(zip(out.harmless.texts, out.before_b.texts, out.after_b.texts,
@@ -410,7 +304,7 @@ def test_export_reloads_to_the_same_logits(bench: Workbench, measure,  # type: i
     texts = lm.format(list(out.harmless.texts[:EXPORT_CHECK_PROMPTS]))
     target = tmp_path / f"{lm.name}-abliterated-L{out.layer}"
     t0 = time.perf_counter()
-    with out.edit(bench) as info:
+    with out.edit(bench.lm) as info:
         batch = left_pad_batch(lm.tokenizer, texts, lm.device)
         with torch.inference_mode():
             edited = lm.model(**batch).logits[:, -1].float()
@@ -418,7 +312,7 @@ def test_export_reloads_to_the_same_logits(bench: Workbench, measure,  # type: i
                metadata={"edit": info.as_json(), "source_fingerprint": lm.fingerprint})
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=lm.dtype)
+        reloaded: Any = AutoModelForCausalLM.from_pretrained(str(target), dtype=lm.dtype)
         reloaded.eval()
         with torch.inference_mode():
             again = reloaded(**batch).logits[:, -1].float()

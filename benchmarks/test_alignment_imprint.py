@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -33,15 +32,12 @@ from fixtures.plugin import get_bench, session_models
 from fixtures.workbench import BenchConfig, Workbench
 from probes.geometry import (
     IMPRINT_FEATURES,
-    AlignmentImprint,
-    alignment_imprint,
-    alignment_imprint_replicates,
     bootstrap_interval,
     feature_scale,
-    informative_layers,
     provider_distances,
     provider_effect_untestable,
 )
+from probes.imprint import Imprint, imprint_of
 from probes.stats import spearman
 
 # Seed 000, experiment 3 (Qwen2.5-0.5B-Instruct, 20 + 20 prompts, 24 layers).
@@ -50,41 +46,13 @@ SEED_FEATURES = {"gini": 0.315, "effective_rank": 14.38, "spectral_decay": 3.20,
 SEED_MODEL = "seed 000 (Qwen2.5-0.5B-Instruct)"
 UNIT_FEATURES = ("gini", "smoothness", "tail_bias", "orthogonality")  # values in [0, 1]
 SCALE_FEATURES = ("effective_rank", "spectral_decay")
-LIMITS = {"gini": (0.0, 1.0), "smoothness": (0.0, 1.0), "tail_bias": (0.0, 1.0),
-          "orthogonality": (0.0, 1.0), "effective_rank": (1.0, math.inf),
-          "spectral_decay": (0.0, math.inf)}
-
-
-@dataclass(frozen=True)
-class Imprint:
-    layers: tuple[int, ...]  # layers with a direction
-    excluded: tuple[int, ...]
-    features: AlignmentImprint
-    replicates: dict[str, np.ndarray]  # [n_boot] per feature
-    intervals: dict[str, tuple[float, float]]  # basic bootstrap
-    n_harmful: int
-    n_harmless: int
-
-    def vector(self, names: tuple[str, ...]) -> np.ndarray:
-        return np.array([float(getattr(self.features, f)) for f in names])
-
-    def replicate_matrix(self, names: tuple[str, ...]) -> np.ndarray:  # [n_boot, F]
-        return np.stack([self.replicates[f] for f in names], axis=1)
 
 
 @cache
 def imprint(bench: Workbench) -> Imprint:
     harm, safe = bench.train_pair()
-    h = bench.acts(harm).numpy()  # [n, L, d]
-    b = bench.acts(safe).numpy()
-    keep = informative_layers(h.mean(axis=0) - b.mean(axis=0))
-    excluded = tuple(i for i in range(h.shape[1]) if i not in keep)
-    h, b = h[:, keep], b[:, keep]
-    obs = alignment_imprint(h.mean(axis=0) - b.mean(axis=0))
-    reps = alignment_imprint_replicates(h, b, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
-    intervals = {f: bootstrap_interval(float(getattr(obs, f)), reps[f], kind="basic",
-                                       limits=LIMITS[f]) for f in IMPRINT_FEATURES}
-    return Imprint(tuple(keep), excluded, obs, reps, intervals, len(harm), len(safe))
+    return imprint_of(bench.acts(harm).numpy(), bench.acts(safe).numpy(),
+                      n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
 
 
 def _record(bench: Workbench, imp: Imprint, measure: Any) -> None:

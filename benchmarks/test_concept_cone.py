@@ -27,9 +27,8 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -37,94 +36,52 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.cross_layer import cross_layer_of, record_cross_layer
 from fixtures.workbench import Workbench
+from probes.concept_cone import (
+    MIN_CATEGORIES,
+    N_PERM,
+    SEED_HARMLESS,
+    SEED_SIZES,
+    Cone,
+    causal_layer,
+    causal_prompts,
+    cone_prompts,
+    direction_hash,
+    estimate_ci,
+    null_summary,
+    record_causal,
+    record_depth_plots,
+    record_representative_layers,
+)
 from probes.geometry import (
-    POLYHEDRAL_MAX_MEAN_ABS_COS,
-    POLYHEDRAL_MIN_DIMENSION,
-    AblationSpecificity,
     ConeStatistics,
     GeometryLabel,
     ablation_specificity,
     bootstrap_interval,
     category_directions,
     cone_statistics,
-    label_share,
     layer_trend,
     most_linear_layer,
     most_polyhedral_layer,
 )
 from probes.interventions import ablate_direction
 from probes.judges import refusal_logit_scores, refusal_token_ids
+from probes.layer_alignment import layer_alignment, record_cross_layer
 from probes.paths import atomic_write_bytes
-from probes.stats import Estimate, holm, percentile_interval
+from probes.stats import holm
 from prompts import PromptSet
 
-# Prompts per category for fitting d_c, by profile (issue 7: balanced, >= 15 each).
-N_PER_CATEGORY = {"quick": 16, "full": 24}
-MIN_CATEGORIES = 4
-# Permutation replicates: enough that a Holm-adjusted p over 24+ layers can reach 0.05
-# (the smallest p is 1 / (N_PERM + 1)). Replicates only re-weight Gram matrices: cheap.
-N_PERM = 999
-# Held-out prompts per category for the causal check (test split), by profile.
-N_CAUSAL = {"quick": 4, "full": 8}
-# Layer whose d_c is ablated in the causal check: the middle of the network (seed 000
-# steered layers 8-15 of 24; refusal directions from mid-depth ablate best, Arditi et al.).
-CAUSAL_LAYER_FRACTION = 0.5
 SCORE_CACHE_VERSION = "1"
-# The seed's sample: weapons 3, fraud 4, intrusion 4, cyber 9 prompts; 20 harmless.
-SEED_SIZES = (3, 4, 4, 9)
-SEED_HARMLESS = 20
 # Seed 000 figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
 SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
         "most_linear_layer": 15, "mean_dimension_all_layers": 3.88, "cap_formula_3d": 2.89}
 
 
-# --------------------------------------------------------------------------- data
-
-
-def _concat(name: str, sets: Sequence[PromptSet]) -> PromptSet:
-    keys = sorted(set.intersection(*(set(s.labels) for s in sets)))
-    return PromptSet(name, tuple(t for s in sets for t in s.texts),
-                     {k: tuple(v for s in sets for v in s.labels[k]) for k in keys})
-
-
-def cone_prompts(bench: Workbench) -> PromptSet | None:
-    """``n`` harmful prompts per category (train split first, then val), for every category
-    that has ``n`` of them; ``n`` = ``N_PER_CATEGORY[profile]``. Seeded by ``--seed``.
-    None when fewer than ``MIN_CATEGORIES`` categories qualify."""
-    n = N_PER_CATEGORY.get(bench.cfg.profile, N_PER_CATEGORY["full"])
-    split = bench.harmful_split
-    rng = np.random.default_rng(bench.cfg.seed)
-    parts: list[PromptSet] = []
-    cats = sorted(set(split.train.label("category")) | set(split.val.label("category")))
-    for cat in cats:
-        pool: list[str] = []
-        for part in (split.train, split.val):
-            texts = [t for t, c in zip(part.texts, part.label("category"), strict=True)
-                     if c == cat]
-            pool += [texts[i] for i in rng.permutation(len(texts))]
-        if len(pool) >= n:
-            parts.append(PromptSet(cat, tuple(pool[:n]), {"category": (cat,) * n}))
-    if len(parts) < MIN_CATEGORIES:
-        return None
-    return _concat(f"advbench/cone[{len(parts)}x{n},seed={bench.cfg.seed}]", parts)
-
-
-@dataclass(frozen=True)
-class Cone:
-    harmful: PromptSet | None  # None: too few categories qualified
-    harmless: PromptSet
-    stats: list[ConeStatistics]  # every layer
-    layers: list[int]  # selected layers (--layers) whose cone is defined
-    p_holm: dict[int, float]  # permutation p of mean |cos|, Holm over ``layers``
-    seconds: float
-
-
 @cache
 def cone(bench: Workbench) -> Cone:
     """Cone statistics of every layer with bootstrap and permutation replicates."""
-    harmful = cone_prompts(bench)
+    harmful = cone_prompts(bench.harmful_split, bench.cfg.defaults.cone_per_category,
+                           bench.cfg.seed)
     harmless = bench.train_pair()[1]
     if harmful is None:
         return Cone(None, harmless, [], [], {}, 0.0)
@@ -150,29 +107,10 @@ def _start(bench: Workbench, data: Cone, measure: Any, hyp: str) -> PromptSet:
     if data.harmful is not None:
         measure.prompts(data.harmful.name, data.harmful.sha256, len(data.harmful))
         return data.harmful
-    n = N_PER_CATEGORY.get(bench.cfg.profile, N_PER_CATEGORY["full"])
+    n = bench.cfg.defaults.cone_per_category
     measure.skip(hyp, f"fewer than {MIN_CATEGORIES} harm categories with {n} prompts in "
                       "the train + val splits")
     raise AssertionError("unreachable: measure.skip raises")
-
-
-def _ci(est: Estimate | None) -> tuple[float, float] | None:
-    return None if est is None else (est.lo, est.hi)
-
-
-def _null_summary(cs: ConeStatistics) -> dict[str, float]:
-    assert cs.mean_abs_cos_perm is not None
-    assert cs.dimension_perm is not None
-    mac, dim = cs.mean_abs_cos_perm.null, cs.dimension_perm.null
-    return {
-        "mac_mean": float(mac.mean()),
-        "mac_lo": float(np.quantile(mac, 0.025)),
-        "mac_hi": float(np.quantile(mac, 0.975)),
-        "dim_mean": float(dim.mean()),
-        "dim_lo": float(np.quantile(dim, 0.025)),
-        "dim_hi": float(np.quantile(dim, 0.975)),
-        "polyhedral_share": label_share(mac, dim, GeometryLabel.POLYHEDRAL),
-    }
 
 
 # --------------------------------------------------------------------------- per layer
@@ -188,14 +126,15 @@ def test_cone_layer(bench: Workbench, layer: int, measure: Any) -> None:
         measure.skip("CONE-POLYHEDRAL", f"layer {layer}: a category mean equals the harmless "
                      "mean, so d_c is undefined (at resid_pre of layer 0 the last token's "
                      "activation is the same template-token embedding for every prompt)")
-    null = _null_summary(cs)
+    null = null_summary(cs)
     n = int(cs.counts.sum()) + len(data.harmless)
     assert cs.mean_abs_cos_perm is not None
     assert cs.dimension_perm is not None
     measure.metric("n_categories", len(cs.categories))
     measure.metric("prompts_per_category", int(cs.counts.min()))
-    measure.metric("mean_abs_cos", cs.mean_abs_cos, ci=_ci(cs.mean_abs_cos_ci), n=n)
-    measure.metric("effective_dimension", cs.effective_dimension, ci=_ci(cs.dimension_ci), n=n)
+    measure.metric("mean_abs_cos", cs.mean_abs_cos, ci=estimate_ci(cs.mean_abs_cos_ci), n=n)
+    measure.metric("effective_dimension", cs.effective_dimension,
+                   ci=estimate_ci(cs.dimension_ci), n=n)
     measure.metric("effective_dimension_obliteratus", cs.effective_dimension_obliteratus)
     measure.metric("cap_formula_3d_not_a_solid_angle", cs.cap_formula_3d, units="sr (3-D cap)")
     measure.metric("null_mean_abs_cos", null["mac_mean"], ci=(null["mac_lo"], null["mac_hi"]),
@@ -211,10 +150,10 @@ def test_cone_layer(bench: Workbench, layer: int, measure: Any) -> None:
                    zip(cs.categories, cs.counts, cs.strengths, cs.specificity, strict=True)])
     basic = ("basic bootstrap interval: it undoes the resampling shift towards 'polyhedral' "
              "and need not contain the estimate")
-    measure.check("CONE-POLYHEDRAL", cs.mean_abs_cos, ci=_ci(cs.mean_abs_cos_ci), n=n,
+    measure.check("CONE-POLYHEDRAL", cs.mean_abs_cos, ci=estimate_ci(cs.mean_abs_cos_ci), n=n,
                   detail=f"geometry {cs.label.value}; null replicates POLYHEDRAL "
                          f"{null['polyhedral_share']:.0%}; {basic}", hard=False)
-    measure.check("CONE-DIMENSION", cs.effective_dimension, ci=_ci(cs.dimension_ci), n=n,
+    measure.check("CONE-DIMENSION", cs.effective_dimension, ci=estimate_ci(cs.dimension_ci), n=n,
                   detail=f"{len(cs.categories)} categories; null mean {null['dim_mean']:.3f}; "
                          f"{basic}", hard=False)
     measure.check("CONE-BEYOND-NULL", data.p_holm[layer], n=N_PERM,
@@ -237,7 +176,7 @@ def test_cone_depth_profile(bench: Workbench, measure: Any) -> None:
         measure.skip("CONE-EARLY-POLYHEDRAL", f"a depth trend needs >= 3 layers with a "
                                               f"defined cone; --layers gave {len(layers)}")
     stats = [data.stats[layer] for layer in layers]
-    nulls = [_null_summary(cs) for cs in stats]
+    nulls = [null_summary(cs) for cs in stats]
     dims = np.array([cs.effective_dimension for cs in stats])
     macs = np.array([cs.mean_abs_cos for cs in stats])
     null_dim = np.array([nl["dim_mean"] for nl in nulls])
@@ -274,8 +213,8 @@ def test_cone_depth_profile(bench: Workbench, measure: Any) -> None:
     measure.metric("first_minus_last_third_dimension", diff,
                    ci=bootstrap_interval(diff, diff_reps, kind="basic"), n=third)
 
-    _record_depth_plots(measure, layers, stats, nulls, data.p_holm)
-    _record_representative_layers(measure, stats, layers)
+    record_depth_plots(measure, layers, stats, nulls, data.p_holm)
+    record_representative_layers(measure, stats, layers)
     measure.table("seed_comparison", ["quantity", "seed 000 (Qwen2.5-0.5B, 4 cat. x 3-9)",
                                       f"this model ({k} cat. x {int(stats[0].counts.min())})"],
                   [["most polyhedral layer", SEED["most_polyhedral_layer"],
@@ -295,85 +234,6 @@ def test_cone_depth_profile(bench: Workbench, measure: Any) -> None:
     measure.check("CONE-EARLY-EXCESS", excess.value, ci=(excess.lo, excess.hi), n=len(layers),
                   detail="excess = observed dimension - mean permutation-null dimension",
                   hard=False)
-
-
-def _record_depth_plots(measure: Any, layers: list[int], stats: list[ConeStatistics],
-                        nulls: list[dict[str, float]], p_holm: dict[int, float]) -> None:
-    k = len(stats[0].categories)
-
-    def ci(est: Estimate | None, idx: int) -> float:
-        return float("nan") if est is None else (est.lo, est.hi)[idx]
-
-    measure.plot(
-        "dimension_vs_layer", "line", x=layers,
-        series={"observed": [cs.effective_dimension for cs in stats],
-                "permutation null (mean)": [nl["dim_mean"] for nl in nulls]},
-        bands={"observed": ([ci(cs.dimension_ci, 0) for cs in stats],
-                            [ci(cs.dimension_ci, 1) for cs in stats]),
-               "permutation null (mean)": ([nl["dim_lo"] for nl in nulls],
-                                           [nl["dim_hi"] for nl in nulls])},
-        hlines=[(POLYHEDRAL_MIN_DIMENSION, "POLYHEDRAL if above"), (k, f"k = {k} categories")],
-        xlabel="layer", ylabel="effective dimension (s^2 entropy)",
-        title="Cone dimension by layer (bands: bootstrap 95 %, null 2.5-97.5 %)")
-    measure.plot(
-        "mean_abs_cos_vs_layer", "line", x=layers,
-        series={"observed": [cs.mean_abs_cos for cs in stats],
-                "permutation null (mean)": [nl["mac_mean"] for nl in nulls]},
-        bands={"observed": ([ci(cs.mean_abs_cos_ci, 0) for cs in stats],
-                            [ci(cs.mean_abs_cos_ci, 1) for cs in stats]),
-               "permutation null (mean)": ([nl["mac_lo"] for nl in nulls],
-                                           [nl["mac_hi"] for nl in nulls])},
-        hlines=[(POLYHEDRAL_MAX_MEAN_ABS_COS, "POLYHEDRAL if below")],
-        xlabel="layer", ylabel="mean |cos| between category directions",
-        title="Mean |cos| by layer vs random splits of the same prompts")
-    rows = []
-    for cs, nl in zip(stats, nulls, strict=True):
-        assert cs.mean_abs_cos_perm is not None
-        assert cs.mean_abs_cos_boot is not None
-        assert cs.dimension_boot is not None
-        mac_pct = percentile_interval(cs.mean_abs_cos_boot)
-        dim_pct = percentile_interval(cs.dimension_boot)
-        rows.append([cs.layer, cs.label.value, cs.mean_abs_cos, ci(cs.mean_abs_cos_ci, 0),
-                     ci(cs.mean_abs_cos_ci, 1), *mac_pct, nl["mac_mean"],
-                     cs.mean_abs_cos_perm.p_less, p_holm[cs.layer], cs.effective_dimension,
-                     ci(cs.dimension_ci, 0), ci(cs.dimension_ci, 1), *dim_pct, nl["dim_mean"],
-                     cs.effective_dimension_obliteratus, cs.cap_formula_3d,
-                     nl["polyhedral_share"]])
-    measure.table("per_layer", ["layer", "label", "mean |cos|", "basic lo", "basic hi",
-                                "percentile lo", "percentile hi", "null mean |cos|", "perm p",
-                                "perm p (Holm)", "dimension", "basic lo", "basic hi",
-                                "percentile lo", "percentile hi", "null dimension",
-                                "dimension (OBLITERATUS s-entropy)", "cap formula (3-D)",
-                                "null POLYHEDRAL share"], rows)
-
-
-def _short(category: str) -> str:
-    """Initials of a multi-word category ("Human Rights and Civil Liberties" -> "HRCL")."""
-    words = [w for w in category.split() if w[:1].isupper()]
-    return "".join(w[0] for w in words) if len(words) > 1 else category[:4]
-
-
-def _record_representative_layers(measure: Any, stats: list[ConeStatistics],
-                                  layers: list[int]) -> None:
-    by_layer = {cs.layer: cs for cs in stats}
-    reps = {"most polyhedral": most_polyhedral_layer(stats),
-            "most linear": most_linear_layer(stats),
-            "middle": layers[len(layers) // 2]}
-    rows = []
-    for role, layer in reps.items():
-        cs = by_layer[layer]
-        measure.plot(f"category_cosines/{role.replace(' ', '_')}_L{layer}", "heatmap",
-                     matrix=cs.cosines.tolist(), xlabels=[_short(c) for c in cs.categories],
-                     ylabels=[_short(c) for c in cs.categories], vmin=-1.0, vmax=1.0,
-                     cmap="RdBu_r", annotate=True, clabel="cos(d_c, d_c')",
-                     title=f"L{layer} ({role}): dim {cs.effective_dimension:.2f}")
-        for c, n, s, sp in zip(cs.categories, cs.counts, cs.strengths, cs.specificity,
-                               strict=True):
-            rows.append([role, layer, c, int(n), float(s), float(sp)])
-    measure.table("categories_at_representative_layers",
-                  ["role", "layer", "category", "n", "strength", "specificity"], rows)
-    measure.table("category_abbreviations", ["abbreviation", "category"],
-                  [[_short(c), c] for c in stats[0].categories])
 
 
 # --------------------------------------------------------------------------- seed-sized sample
@@ -407,7 +267,7 @@ def test_cone_at_seed_sample_size(bench: Workbench, measure: Any) -> None:
     rows, shares = [], []
     for ly in layers:
         cs = stats[ly]
-        nl = _null_summary(cs)
+        nl = null_summary(cs)
         assert cs.mean_abs_cos_perm is not None
         shares.append(nl["polyhedral_share"])
         rows.append([ly, cs.label.value, cs.mean_abs_cos, nl["mac_mean"], cs.effective_dimension,
@@ -440,24 +300,12 @@ def test_cone_at_seed_sample_size(bench: Workbench, measure: Any) -> None:
 def test_cross_layer_alignment(bench: Workbench, measure: Any) -> None:
     """Descriptive: |cos| of the per-layer refusal directions, persistence, clusters."""
     bench.record_model(measure, *bench.train_pair())
-    la = cross_layer_of(bench)
+    la = layer_alignment(bench.refusal_directions.raw.numpy(), bench.lm.name)
     record_cross_layer(measure, la)
     assert 0 <= la.settling_layer < bench.lm.n_layers
 
 
 # --------------------------------------------------------------------------- causal check
-
-
-def causal_layer(n_layers: int) -> int:
-    return round(CAUSAL_LAYER_FRACTION * (n_layers - 1))
-
-
-def causal_prompts(bench: Workbench, categories: Sequence[str]) -> PromptSet:
-    """``N_CAUSAL[profile]`` held-out (test split) prompts of each category, seeded."""
-    n = N_CAUSAL.get(bench.cfg.profile, N_CAUSAL["full"])
-    test = bench.harmful_split.test
-    parts = [test.where("category", c).sample(n, bench.cfg.seed) for c in categories]
-    return _concat(f"advbench/test/cone-causal[{len(parts)}x{n},seed={bench.cfg.seed}]", parts)
 
 
 def refusal_scores(
@@ -492,10 +340,6 @@ def refusal_scores(
     return scores
 
 
-def _direction_hash(v: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(v, dtype=np.float32).tobytes()).hexdigest()[:16]
-
-
 @pytest.mark.claim("CONE-CAUSAL")
 def test_cone_causal(bench: Workbench, measure: Any) -> None:
     """Does ablating d_c lower refusal on category c more than on the other categories?"""
@@ -507,7 +351,8 @@ def test_cone_causal(bench: Workbench, measure: Any) -> None:
     harmful = _start(bench, data, measure, "CONE-CAUSAL")
     layer = causal_layer(bench.lm.n_layers)
     cats = list(data.stats[layer].categories)
-    held = causal_prompts(bench, cats)
+    held = causal_prompts(bench.harmful_split.test, cats,
+                          bench.cfg.defaults.cone_causal_per_category, bench.cfg.seed)
     measure.prompts(held.name, held.sha256, len(held))
     h = bench.acts(harmful, layers=[layer]).numpy()[:, 0]
     b = bench.acts(data.harmless, layers=[layer]).numpy()[:, 0]
@@ -522,7 +367,7 @@ def test_cone_causal(bench: Workbench, measure: Any) -> None:
     base = refusal_scores(bench, held)
     drops = np.stack([
         base - refusal_scores(bench, held, f"ablate-all-writes:cone-d_c:{c}:L{layer}:"
-                                           f"{_direction_hash(dirs.units[a])}",
+                                           f"{direction_hash(dirs.units[a])}",
                               ablation(dirs.units[a]))
         for a, c in enumerate(cats)])  # [k, n]
     glob = bench.refusal_directions.unit[layer].numpy()
@@ -533,49 +378,8 @@ def test_cone_causal(bench: Workbench, measure: Any) -> None:
                                 seed=bench.cfg.seed)
     validated = bool(spec.overall.lo > 0)
     geometry = dataclasses.replace(data.stats[layer], causally_validated=validated)
-    _record_causal(measure, bench, layer, held, base, drops, drop_global, spec, geometry)
+    record_causal(measure, bench.cfg.n_boot, bench.cfg.seed, layer, held, base, drops,
+                  drop_global, spec, geometry)
     measure.check("CONE-CAUSAL", spec.overall.value, ci=(spec.overall.lo, spec.overall.hi),
                   n=len(held), detail=f"d_c fitted at layer {layer}, ablated from every "
                                       f"residual write; causally_validated = {validated}")
-
-
-def _record_causal(measure: Any, bench: Workbench, layer: int, held: PromptSet,
-                   base: np.ndarray, drops: np.ndarray, drop_global: np.ndarray,
-                   spec: AblationSpecificity, geometry: ConeStatistics) -> None:
-    cats = list(spec.categories)
-    labels = np.asarray(held.label("category"))
-    n_boot, seed = bench.cfg.n_boot, bench.cfg.seed
-    rng = np.random.default_rng(seed)
-    g_idx = rng.integers(0, drop_global.size, size=(n_boot, drop_global.size))
-    g_lo, g_hi = percentile_interval(drop_global[g_idx].mean(axis=1))
-    measure.metric("causal_layer", layer)
-    measure.metric("ablation_specificity", spec.overall.value,
-                   ci=(spec.overall.lo, spec.overall.hi), n=len(held))
-    measure.metric("causally_validated", int(geometry.causally_validated))
-    measure.metric("baseline_refusal_logodds", float(base.mean()), n=len(held))
-    measure.metric("baseline_refusal_share", float((base > 0).mean()), n=len(held))
-    measure.metric("global_direction_drop", float(drop_global.mean()), ci=(g_lo, g_hi),
-                   n=len(held), units="log-odds")
-    measure.metric("mean_category_ablation_drop", float(drops.mean()), n=drops.size,
-                   units="log-odds")
-    measure.plot("ablation_drop_matrix", "heatmap", matrix=spec.drop_matrix.tolist(),
-                 xlabels=[_short(c) for c in cats], ylabels=[f"-d {_short(c)}" for c in cats],
-                 cmap="coolwarm", annotate=True, clabel="refusal log-odds drop",
-                 vmin=-float(np.abs(spec.drop_matrix).max()),
-                 vmax=float(np.abs(spec.drop_matrix).max()),
-                 title=f"Refusal drop, d_c of L{layer} ablated")
-    rows = []
-    for a, c in enumerate(cats):
-        est = spec.per_category[a]
-        on = labels == c
-        rows.append([c, int(on.sum()), float(base[on].mean()), float(spec.on_target[a]),
-                     float(spec.off_target[a]), est.value, est.lo, est.hi,
-                     float(drop_global[on].mean())])
-    measure.table("causal_per_category", ["category", "n held out", "baseline log-odds",
-                                          "on-target drop", "off-target drop",
-                                          "specificity", "lo", "hi",
-                                          "drop, global r̂ ablated"], rows)
-    measure.table("geometry_causal_flag",
-                  ["layer", "label", "mean |cos|", "dimension", "causally_validated"],
-                  [[geometry.layer, geometry.label.value, geometry.mean_abs_cos,
-                    geometry.effective_dimension, geometry.causally_validated]])

@@ -35,7 +35,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -43,13 +42,22 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.cross_layer import cross_layer_of, record_cross_layer
 from fixtures.workbench import Workbench
-from probes.capture import Site
+from probes.detected_proceeds import (
+    DECISION_ALPHA,
+    MONITOR_DEPTH,
+    SATURATION_FRACTION,
+    SITE,
+    WINDOW,
+    Part,
+    Study,
+    read_trajectory_part,
+    record_examples,
+    record_group_means,
+    skip_reason,
+)
 from probes.generation import generate
 from probes.geometry import (
-    ProceedLayers,
-    ProceedLocalisation,
     bootstrap_proceed_layers,
     detected_proceeds_localisation,
     informative_layers,
@@ -57,80 +65,21 @@ from probes.geometry import (
     proceed_layers,
 )
 from probes.judges import refusal_judge
-from probes.monitoring import TokenMonitor, Trajectory, is_code_answer, window_mean
+from probes.layer_alignment import layer_alignment, record_cross_layer
+from probes.monitoring import TokenMonitor, Trajectory, window_mean
 from probes.paths import atomic_write_bytes
 from probes.stats import (
     auc_interval,
     bootstrap_ci,
     holm,
-    mean_ci,
     percentile_interval,
     rate,
     welch_t,
 )
 from prompts import PromptSet
 
-SATURATION_FRACTION = 0.95  # of the detection AUC's excess over chance
-DECISION_ALPHA = 0.05  # Holm-adjusted, one-sided, over layers
-WINDOW = (1, 6)  # steps 1..5: the first five generated tokens read back as input
-# The per-token claim is judged at the middle layer: seed 002 showed its token table at L32
-# of a 64-layer model (and averaged layers 8..56). Every layer is reported beside it.
-MONITOR_DEPTH = 0.5
-# Refused and complied groups need this many replies each for the claims that compare them:
-# a percentile bootstrap of a handful of replies cannot show their spread (SmolLM2, which
-# hardly refuses, has 4 judged refusals in 200 replies, 3 soft and 1 judge false positive).
-MIN_GROUP = 10
-SITE: Site = "resid_pre"  # where r̂_l was fitted: step 0 equals the detection projection
-# Extra prompts per ``n_gen`` beyond bench.gen_pair(): (AdvBench validation, HarmBench).
-# full: 20 + 80 + 100 = 200 harmful prompts; quick: 8 + 8 + 16 = 32.
-EXTRA_PER_GEN = {"full": (4, 5), "quick": (1, 2)}
 TRAJECTORY_CACHE_VERSION = "1"
 N_EXAMPLE_TEXTS = 8
-
-
-@dataclass(frozen=True)
-class Part:
-    """One generation call: its prompts, replies and trajectories."""
-
-    source: str
-    prompts: PromptSet
-    texts: list[str]
-    new_tokens: list[int]
-    trajectories: list[Trajectory]
-    seconds: float
-    cached: bool
-
-
-@dataclass(frozen=True)
-class Study:
-    """Everything the tests of this module read, computed once per model."""
-
-    parts: list[Part]
-    sources: list[str]
-    prompts: list[str]
-    texts: list[str]
-    refused: np.ndarray  # [n] bool
-    layers: tuple[int, ...]  # informative layers (non-zero direction)
-    ph: np.ndarray  # [n, k] harmful projections at the last prompt token
-    pb: np.ndarray  # [m, k] harmless (held-out test split)
-    thresholds: np.ndarray  # [k] midpoints of the train split
-    loc: ProceedLayers
-    dp: list[ProceedLocalisation]  # train thresholds
-    dp_in_sample: list[ProceedLocalisation]  # thresholds of these prompts (comparison only)
-    trajectories: list[Trajectory]
-    harmless: PromptSet
-    step0_max_abs_diff: float
-
-    @property
-    def n(self) -> int:
-        return len(self.texts)
-
-    @property
-    def n_refused(self) -> int:
-        return int(self.refused.sum())
-
-    def col(self, layer: int) -> int:
-        return self.layers.index(layer)
 
 
 # --------------------------------------------------------------------------- generation
@@ -138,7 +87,7 @@ class Study:
 
 def _harmful_parts(bench: Workbench) -> list[tuple[str, PromptSet]]:
     seed, n_gen = bench.cfg.seed, bench.cfg.n_gen
-    extra_val, extra_hb = EXTRA_PER_GEN.get(bench.cfg.profile, EXTRA_PER_GEN["full"])
+    extra_val, extra_hb = bench.cfg.defaults.proceeds_extra_per_gen
     shared = bench.gen_pair()[0]
     val = bench.harmful_split.val
     taken = set(shared.texts)
@@ -160,28 +109,13 @@ def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_n
     return hashlib.sha256(src.encode()).hexdigest()[:32]
 
 
-def _read_part(path: Any, layers: list[int]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        if data["layers"] != layers:
-            return None
-        return data
-    except (OSError, ValueError, KeyError) as exc:
-        warnings.warn(f"trajectory cache entry {path} is corrupt ({exc}); recomputing",
-                      stacklevel=2)
-        path.unlink(missing_ok=True)
-        return None
-
-
 def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: list[int]) -> Part:
     """Replies and trajectories of one prompt set: from the cache, else generated under the
     monitor (through ``bench.generate`` with key "none", so the replies are shared)."""
     n_new = bench.cfg.max_new_tokens
     path = (bench.cache.root.parent / "trajectories"
             / f"{_trajectory_key(bench, prompts, layers, n_new)}.json")
-    data = _read_part(path, layers) if bench.cfg.use_cache else None
+    data = read_trajectory_part(path, layers) if bench.cfg.use_cache else None
     cached = data is not None
     if data is None:
         unit = bench.refusal_directions.unit
@@ -276,20 +210,6 @@ def _record_common(bench: Workbench, measure: Any, st: Study) -> None:
     measure.metric("monitor/step0_vs_capture_max_abs_diff", st.step0_max_abs_diff)
 
 
-def _skip_reason(st: Study) -> str | None:
-    """Why the refused-vs-complied claims cannot be judged (None: they can)."""
-    if st.n_refused == 0:
-        return f"model refused 0 of {st.n} harmful prompts: decision AUC undefined"
-    if st.n_refused == st.n:
-        return f"model complied with 0 of {st.n} harmful prompts: decision AUC undefined"
-    small = min(st.n_refused, st.n - st.n_refused)
-    if small < MIN_GROUP:
-        word = "refused" if st.n_refused == small else "complied with"
-        return (f"model {word} {small} of {st.n} harmful prompts: fewer than {MIN_GROUP} in a "
-                "group, too few for an interval on the decision AUC or the group difference")
-    return None
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -348,9 +268,9 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
     det_ci = [auc_interval(st.ph[:, j], st.pb[:, j]) for j in range(len(st.layers))]
     measure.metric("saturation_layer", loc.saturation_layer)
     measure.metric("detection_peak_layer", loc.detection_peak_layer)
-    la = cross_layer_of(bench)
+    la = layer_alignment(bench.refusal_directions.raw.numpy(), bench.lm.name)
     record_cross_layer(measure, la)
-    reason = _skip_reason(st)
+    reason = skip_reason(st)
     if reason is not None:
         measure.plot("auc_by_layer", "line", x=list(st.layers),
                      series={"detection": loc.detection_auc.tolist()},
@@ -446,58 +366,15 @@ def _monitor_layer(bench: Workbench, st: Study) -> int:
     return min(st.layers, key=lambda layer: (abs(layer - target), layer))
 
 
-def _example_indices(st: Study) -> dict[str, int]:
-    """The first refusal, compliance (no code) and code answer in prompt order, by verdict."""
-    picks: dict[str, int] = {}
-    for i, text in enumerate(st.texts):
-        if st.trajectories[i].n_steps < 2:
-            continue
-        kind = ("refusal" if st.refused[i] else
-                "code answer" if is_code_answer(text) else "compliance")
-        picks.setdefault(kind, i)
-    return picks
-
-
-def _record_examples(bench: Workbench, measure: Any, st: Study, layers: list[int]) -> None:
-    picks = _example_indices(st)
-    tok = bench.lm.tokenizer
-    longest = max((st.trajectories[i].n_steps for i in picks.values()), default=0)
-    for kind, i in picks.items():
-        traj = st.trajectories[i]
-        tokens = traj.tokens(tok)
-        measure.table(f"trajectory/{kind}",
-                      ["step", "input token", *[f"L{x}" for x in traj.layers]],
-                      [[k, tokens[k], *traj.projections[k].tolist()]
-                       for k in range(traj.n_steps)])
-        measure.texts(f"trajectory/{kind}/reply", [{"prompt": st.prompts[i],
-                                                    "reply": st.texts[i],
-                                                    "source": st.sources[i]}])
-    missing = [k for k in ("refusal", "compliance", "code answer") if k not in picks]
-    if missing:
-        measure.table("trajectory/missing_examples", ["kind", "reason"],
-                      [[k, "no reply of this kind among the judged harmful replies"]
-                       for k in missing])
-    for layer in layers if picks else []:
-        series: dict[str, list[float | None]] = {}
-        for kind, i in picks.items():
-            ys: list[float | None] = [float(v) for v in st.trajectories[i].layer(layer)]
-            series[f"{kind} (#{i})"] = ys + [None] * (longest - len(ys))
-        measure.plot(f"trajectory_examples_L{layer}", "line", x=list(range(longest)),
-                     series=series, shade=[(WINDOW[0], WINDOW[1] - 1, "first five tokens")],
-                     xlabel="step (0 = last prompt token, k = k-th generated token)",
-                     ylabel=f"projection on r̂_{layer}",
-                     title=f"Per-token refusal projection at layer {layer} ({SITE})")
-
-
 @pytest.mark.claim("MONITOR-REFUSAL-HIGHER")
 def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
     st = _study(bench)
     _record_common(bench, measure, st)
     ref_layer = _monitor_layer(bench, st)
     measure.metric("monitor_layer (middle)", ref_layer)
-    _record_examples(bench, measure, st, sorted({ref_layer, st.loc.detection_peak_layer,
+    record_examples(bench.lm.tokenizer, measure, st, sorted({ref_layer, st.loc.detection_peak_layer,
                                                  st.layers[-1]}))
-    reason = _skip_reason(st)
+    reason = skip_reason(st)
     if reason is not None:
         measure.skip("MONITOR-REFUSAL-HIGHER", reason)
     refused = st.refused
@@ -534,7 +411,7 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                      hlines=[(0.0, "no difference")], xlabel="layer",
                      ylabel="mean projection, steps 1-5",
                      title="Refusals vs compliant replies over their first five tokens")
-    _record_group_means(bench, measure, st, ref_layer)
+    record_group_means(bench.cfg.n_boot, bench.cfg.seed, measure, st, ref_layer)
     if ref_layer not in diffs:
         measure.skip("MONITOR-REFUSAL-HIGHER",
                      f"fewer than 2 replies with generated tokens in a group at layer {ref_layer}")
@@ -545,36 +422,3 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                   label=f"layer {ref_layer}",
                   detail=f"{n_a} refusals vs {n_b} compliant replies, mean projection on r̂_"
                          f"{ref_layer} over generated tokens 1-5 ({SITE}); bootstrap interval")
-
-
-def _record_group_means(bench: Workbench, measure: Any, st: Study, layer: int) -> None:
-    """Mean trajectory per step for refusals, compliances and code answers."""
-    groups = {"refusals": st.refused,
-              "compliances": ~st.refused & ~np.array([is_code_answer(t) for t in st.texts]),
-              "code answers": ~st.refused & np.array([is_code_answer(t) for t in st.texts])}
-    steps = max(t.n_steps for t in st.trajectories)
-    series: dict[str, list[float | None]] = {}
-    bands: dict[str, tuple[list[float | None], list[float | None]]] = {}
-    for name, sel in groups.items():
-        ys: list[float | None] = []
-        lo: list[float | None] = []
-        hi: list[float | None] = []
-        for k in range(steps):
-            vals = np.array([t.layer(layer)[k] for t, s in zip(st.trajectories, sel, strict=True)
-                             if s and t.n_steps > k])
-            if vals.size >= 2:
-                e = mean_ci(vals, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + k)
-                ys.append(e.value)
-                lo.append(e.lo)
-                hi.append(e.hi)
-            else:
-                ys.append(float(vals[0]) if vals.size else None)
-                lo.append(None)
-                hi.append(None)
-        if any(y is not None for y in ys):
-            series[f"{name} (n={int(sel.sum())})"] = ys
-            bands[f"{name} (n={int(sel.sum())})"] = (lo, hi)
-    measure.plot(f"mean_trajectory_L{layer}", "line", x=list(range(steps)), series=series,
-                 bands=bands, xlabel="step (0 = last prompt token)",
-                 ylabel=f"mean projection on r̂_{layer}",
-                 title="Mean per-token projection by judged reply (groups thin out as replies end)")

@@ -18,7 +18,6 @@ mostly from the draw of the directions, not from the prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -27,11 +26,18 @@ import pytest
 
 from fixtures.workbench import Workbench
 from probes import directions as D
-from probes.directions import DirectionEval, Method
-from probes.stats import Estimate, FloatArray, percentile_interval, wilson_interval
+from probes.directions import Method
+from probes.method_comparison import (
+    ALL,
+    FITTED,
+    Comparison,
+    MethodResult,
+    accuracy_difference,
+    excluded_note,
+    mean_accuracy,
+)
+from probes.stats import wilson_interval
 
-FITTED: tuple[Method, ...] = ("mean_diff", "probe", "gradient", "pca_diff")
-ALL: tuple[Method, ...] = (*FITTED, "random")
 # Seed 002's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
 # mean accuracy %, mean effect size, combinations with accuracy < 60 %.
 SEED002: dict[str, tuple[float, float, float, str]] = {
@@ -41,37 +47,6 @@ SEED002: dict[str, tuple[float, float, float, str]] = {
     "pca_diff": (46.2, 51.0, 0.72, "161/234"),
     "random": (55.1, 46.5, 0.79, "184/234"),
 }
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    """One method's held-out evaluation at every analysed layer that has a direction."""
-
-    method: Method
-    layers: list[int]
-    evals: list[DirectionEval]
-    correct_pos: np.ndarray  # [n_pos_test, k] bool
-    correct_neg: np.ndarray  # [n_neg_test, k] bool
-
-    @property
-    def accuracy(self) -> FloatArray:
-        return np.array([e.accuracy for e in self.evals])
-
-    @property
-    def d(self) -> FloatArray:
-        return np.array([e.cohens_d for e in self.evals])
-
-    @property
-    def polarity_failures(self) -> int:
-        return sum(not e.polarity_correct for e in self.evals)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    results: dict[str, MethodResult]
-    excluded: list[int]  # analysed layers without a direction
-    n_test: int
-    n_train: int
 
 
 @cache
@@ -100,52 +75,6 @@ def _seed(bench: Workbench, *parts: int) -> int:
     return int(np.random.SeedSequence([bench.cfg.seed, 2, *parts]).generate_state(1)[0])
 
 
-def accuracy_bootstrap(
-    pos: FloatArray, neg: FloatArray, *, n_boot: int, seed: int, resample_layers: bool
-) -> Estimate:
-    """Mean over held-out prompts and layers of per-prompt, per-layer scores ([n, k], [m, k]:
-    correctness, or a difference of two methods' correctness), with a percentile bootstrap
-    that resamples prompts within class and, if ``resample_layers``, the layers too (for the
-    random baseline, whose directions are a random draw per layer)."""
-    n, k = pos.shape
-    m = neg.shape[0]
-    rng = np.random.default_rng(seed)
-    if resample_layers:
-        weights = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot).T / k  # [k, B]
-    else:
-        weights = np.full((k, n_boot), 1.0 / k)
-    wp, wn = pos @ weights, neg @ weights  # [n, B], [m, B] per-prompt means over layers
-    cols = np.arange(n_boot)[:, None]
-    ip = rng.integers(0, n, size=(n_boot, n))
-    ineg = rng.integers(0, m, size=(n_boot, m))
-    reps = (wp[ip, cols].sum(axis=1) + wn[ineg, cols].sum(axis=1)) / (n + m)
-    lo, hi = percentile_interval(reps)
-    value = float((pos.sum() + neg.sum()) / ((n + m) * k))
-    return Estimate(value, lo, hi, n + m, "bootstrap-percentile")
-
-
-def _mean_accuracy(bench: Workbench, r: MethodResult, tag: int) -> Estimate:
-    return accuracy_bootstrap(r.correct_pos.astype(float), r.correct_neg.astype(float),
-                              n_boot=bench.cfg.n_boot, seed=_seed(bench, tag),
-                              resample_layers=r.method == "random")
-
-
-def _difference(bench: Workbench, a: MethodResult, b: MethodResult, tag: int) -> Estimate:
-    """Mean accuracy of a minus b over layers, bootstrapped over the same held-out prompts
-    (and over layers when either is the random baseline)."""
-    return accuracy_bootstrap(
-        a.correct_pos.astype(float) - b.correct_pos, a.correct_neg.astype(float) - b.correct_neg,
-        n_boot=bench.cfg.n_boot, seed=_seed(bench, tag),
-        resample_layers="random" in (a.method, b.method))
-
-
-def _excluded_note(c: Comparison) -> str:
-    if not c.excluded:
-        return f"{len(next(iter(c.results.values())).layers)} layers"
-    return (f"{len(next(iter(c.results.values())).layers)} layers; excluded (every prompt has "
-            f"the same activation, no direction exists): {c.excluded}")
-
-
 def _setup(bench: Workbench, measure: Any) -> Comparison:
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     c = _compare(bench)
@@ -164,7 +93,7 @@ def test_methods_summary(bench: Workbench, measure: Any) -> None:
     for tag, m in enumerate(methods):
         r = c.results[m]
         k = len(r.layers)
-        acc = _mean_accuracy(bench, r, tag)
+        acc = mean_accuracy(r, n_boot=bench.cfg.n_boot, seed=_seed(bench, tag))
         fails = r.polarity_failures
         lo, hi = wilson_interval(fails, k)
         low_acc = int((r.accuracy < 0.6).sum())
@@ -212,7 +141,7 @@ def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
     bad = [lay for lay, e in zip(r.layers, r.evals, strict=True) if not e.polarity_correct]
     measure.metric("probe_polarity_failures", fails, n=k)
     measure.check("PROBE-NO-POLARITY-FAIL", fails / k, ci=wilson_interval(fails, k), n=k,
-                  detail=f"inverted at layers {bad or 'none'} of {_excluded_note(c)}; "
+                  detail=f"inverted at layers {bad or 'none'} of {excluded_note(c)}; "
                   f"seed 002: probe 0/234")
 
 
@@ -220,7 +149,8 @@ def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
 def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
     c = _setup(bench, measure)
     probe, md = c.results["probe"], c.results["mean_diff"]
-    est = _difference(bench, probe, md, 10)
+    est = accuracy_difference(probe, md, n_boot=bench.cfg.n_boot,
+                               seed=_seed(bench, 10))
     better = int((probe.accuracy > md.accuracy).sum())
     worse = int((probe.accuracy < md.accuracy).sum())
     measure.metric("probe_mean_accuracy", float(probe.accuracy.mean()), n=c.n_test)
@@ -230,7 +160,7 @@ def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
     measure.metric("layers_probe_worse", worse, n=len(probe.layers))
     measure.check("PROBE-BEATS-MEANDIFF", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"probe {probe.accuracy.mean():.3f} vs mean_diff {md.accuracy.mean():.3f}"
-                  f" mean accuracy over {_excluded_note(c)}; probe better at {better}, worse at "
+                  f" mean accuracy over {excluded_note(c)}; probe better at {better}, worse at "
                   f"{worse} layers; seed 002: 85.9 % vs 65.7 %")
 
 
@@ -238,7 +168,7 @@ def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
 def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
     c = _setup(bench, measure)
     r = c.results["random"]
-    est = _mean_accuracy(bench, r, 20)
+    est = mean_accuracy(r, n_boot=bench.cfg.n_boot, seed=_seed(bench, 20))
     k = len(r.layers)
     measure.metric("random_polarity_failure_rate", r.polarity_failures / k,
                    ci=wilson_interval(r.polarity_failures, k), n=k)
@@ -246,7 +176,7 @@ def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
     measure.metric("random_accuracy_max", float(r.accuracy.max()), n=c.n_test)
     measure.check("RANDOM-NEAR-CHANCE", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"one seeded Gaussian direction per layer, mean accuracy over "
-                  f"{_excluded_note(c)}; per-layer range {r.accuracy.min():.2f}-"
+                  f"{excluded_note(c)}; per-layer range {r.accuracy.min():.2f}-"
                   f"{r.accuracy.max():.2f}; seed 002: 46.5 %")
 
 
@@ -255,9 +185,10 @@ def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
 def test_method_beats_random(bench: Workbench, method: Method, measure: Any) -> None:
     c = _setup(bench, measure)
     r, rand = c.results[method], c.results["random"]
-    est = _difference(bench, r, rand, 30 + FITTED.index(method))
+    est = accuracy_difference(r, rand, n_boot=bench.cfg.n_boot,
+                               seed=_seed(bench, 30 + FITTED.index(method)))
     measure.metric("method_minus_random_accuracy", est.value, ci=(est.lo, est.hi), n=est.n)
     measure.check("METHOD-BEATS-RANDOM", est.value, ci=(est.lo, est.hi), n=est.n, label=method,
                   detail=f"{method} {r.accuracy.mean():.3f} vs random {rand.accuracy.mean():.3f}"
-                  f" mean accuracy over {_excluded_note(c)}; seed 002: "
+                  f" mean accuracy over {excluded_note(c)}; seed 002: "
                   f"{SEED002[method][1]:.1f} % vs 46.5 %")

@@ -22,7 +22,6 @@ block 0); the first layer with information here is the output of block 0 (``resi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -32,7 +31,15 @@ import pytest
 from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.capture import Site
-from probes.directions import LayerSignificance
+from probes.layer_analysis import (
+    SITES,
+    SiteAnalysis,
+    constant_detail,
+    layer_table,
+    pooled_mean,
+    probe_correct,
+    site_analysis,
+)
 from probes.stats import (
     FloatArray,
     auc_interval,
@@ -42,34 +49,10 @@ from probes.stats import (
     wilson_interval,
 )
 
-SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out")
 # Seed 003's bands of depth on its 28-layer model: early 0-10, middle 11-17, late 18-27.
 SEED_BANDS = (("early", 0.0, 11 / 28, "2.8-4.5"), ("middle", 11 / 28, 18 / 28, "4.3-8.8"),
               ("late", 18 / 28, 1.0 + 1e-9, "7.7-9.1"))
 SEED_PEAK = "layer 18 of 28 (fraction 18/27 = 0.67), d = 9.05, in-sample"
-
-
-@dataclass(frozen=True)
-class SiteAnalysis:
-    """Per-layer significance of the mean-difference direction at one site."""
-
-    site: Site
-    layers: list[int]  # analysed layers (--layers), model indices
-    n_layers: int  # the model's depth
-    rows: list[LayerSignificance]  # one per analysed layer (Holm over these)
-    constant: np.ndarray  # [k] bool: every prompt has the same activation
-    d_boot: FloatArray  # [n_boot, k] held-out d per bootstrap replicate (nan if constant)
-    pos_scores: FloatArray  # [n_pos_test, k] projections of held-out harmful prompts
-    neg_scores: FloatArray  # [n_neg_test, k]
-    n_test: int
-
-    @property
-    def d(self) -> FloatArray:
-        return np.array([r.cohens_d for r in self.rows])
-
-    def d_ci(self, i: int) -> tuple[float, float]:
-        return percentile_interval(self.d_boot[:, i]) if not self.constant[i] else (
-            math.nan, math.nan)
 
 
 def _seed(bench: Workbench, *parts: int) -> int:
@@ -87,40 +70,18 @@ def _site_acts(bench: Workbench, site: Site) -> tuple[FloatArray, ...]:
 def _analysis(bench: Workbench, site: Site = "resid_pre") -> SiteAnalysis:
     """Computed once per (model, site) and shared by every test of this module."""
     trp, trn, tep, ten = _site_acts(bench, site)
-    rows = D.layer_significance(trp, trn, tep, ten)
-    constant = D.constant_layers(trp, trn, tep, ten)
-    r = D.mean_diff_per_layer(trp, trn)
-    norm = np.linalg.norm(r, axis=1, keepdims=True)
-    u = np.where(constant[:, None], np.nan, r / np.where(norm == 0.0, 1.0, norm))
-    pos, neg = D.project(tep, u), D.project(ten, u)
-    boot = D.bootstrap_d_profile(pos, neg, n_boot=bench.cfg.n_boot,
-                                 seed=_seed(bench, SITES.index(site)))
-    return SiteAnalysis(site, list(bench.layers), bench.lm.n_layers, rows, constant, boot,
-                        pos, neg, len(tep) + len(ten))
+    return site_analysis(site, list(bench.layers), bench.lm.n_layers, trp, trn, tep, ten,
+                         n_boot=bench.cfg.n_boot, seed=_seed(bench, SITES.index(site)))
 
 
 @cache
 def _probe_correct(bench: Workbench, site: Site) -> tuple[np.ndarray, np.ndarray]:
     """Held-out per-prompt correctness [n, k] of a probe fitted per layer (nan if constant)."""
-    trp, trn, tep, ten = _site_acts(bench, site)
     constant = _analysis(bench, site).constant
-    keep = np.flatnonzero(~constant)
-    bench.progress(f"[layers] probe per layer at {site} ({len(keep)} layers)", force=True)
-    u = D.fit_direction_per_layer("probe", trp[:, keep], trn[:, keep], seed=bench.cfg.seed)
-    cp_k, cn_k = D.heldout_correct(u, trp[:, keep], trn[:, keep], tep[:, keep], ten[:, keep])
-    cp = np.full((len(tep), len(constant)), np.nan)
-    cn = np.full((len(ten), len(constant)), np.nan)
-    cp[:, keep], cn[:, keep] = cp_k, cn_k
-    return cp, cn
-
-
-def _constant_detail(a: SiteAnalysis, layer: int) -> str:
-    why = ("the last prompt token is the chat template's final token, the same for every "
-           "prompt, and resid_pre of block 0 is its embedding"
-           if (a.site, layer) == ("resid_pre", 0) else "the capture does not depend on the prompt")
-    return (f"no direction at {a.site} layer {layer}: every prompt has the same activation "
-            f"({why}), so r_l = 0 and d, t, p are undefined; this capture cannot validate the "
-            "layer")
+    bench.progress(f"[layers] probe per layer at {site} ({int((~constant).sum())} layers)",
+                   force=True)
+    trp, trn, tep, ten = _site_acts(bench, site)
+    return probe_correct(trp, trn, tep, ten, constant, seed=bench.cfg.seed)
 
 
 # --------------------------------------------------------------------------- per layer
@@ -136,7 +97,7 @@ def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) ->
     bench.record_model(measure, *bench.train_pair(), harm_te, safe_te)
     n = a.n_test
     if a.constant[i]:
-        detail = _constant_detail(a, layer)
+        detail = constant_detail(a, layer)
         measure.metric("constant_activation", 1.0)
         measure.check("LAYER-VALID", math.nan, n=n, detail=detail, hard=False)
         measure.check("LAYER-SIGNIFICANT", math.nan, n=n, detail=detail, hard=False)
@@ -162,16 +123,6 @@ def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) ->
 
 
 # --------------------------------------------------------------------------- profile
-
-
-def _layer_table(a: SiteAnalysis) -> list[list[Any]]:
-    out = []
-    for i, (layer, r) in enumerate(zip(a.layers, a.rows, strict=True)):
-        lo, hi = a.d_ci(i)
-        out.append([layer, r.norm, r.t, r.p, r.p_holm, r.cohens_d, lo, hi,
-                    r.cohens_d_in_sample, r.auc,
-                    "no direction" if a.constant[i] else ("valid" if r.valid else "not valid")])
-    return out
 
 
 @pytest.mark.claim("LAYER-PEAK-LATE")
@@ -200,7 +151,7 @@ def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
         "per-layer significance (resid_pre, last token; held-out unless marked)",
         ["layer", "||r_l||", "Welch t", "p", "p Holm", "d", "d lo", "d hi", "d in-sample",
          "AUC", "validity (p Holm < 0.01, |d| > 0.5)"],
-        _layer_table(a),
+        layer_table(a),
     )
     d_lo = [a.d_ci(i)[0] for i in range(k)]
     d_hi = [a.d_ci(i)[1] for i in range(k)]
@@ -305,14 +256,9 @@ def test_sites_side_by_side(bench: Workbench, measure: Any) -> None:
     cpm, cnm = _probe_correct(bench, "mlp_out")
     diff_pos = (cpa[:, both] - cpm[:, both]).mean(axis=1)
     diff_neg = (cna[:, both] - cnm[:, both]).mean(axis=1)
-    est = bootstrap_ci((diff_pos, diff_neg), _pooled_mean, n_boot=bench.cfg.n_boot,
+    est = bootstrap_ci((diff_pos, diff_neg), pooled_mean, n_boot=bench.cfg.n_boot,
                        seed=_seed(bench, 99))
     measure.check("SITE-ATTN-BEATS-MLP", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"mean probe accuracy over {int(both.sum())} layers: attn_out "
                   f"{np.nanmean(acc['attn_out']):.3f}, mlp_out {np.nanmean(acc['mlp_out']):.3f},"
                   f" resid_pre {np.nanmean(acc['resid_pre']):.3f}; seed 002: 90 % vs 80 %")
-
-
-def _pooled_mean(a: FloatArray, b: FloatArray) -> float:
-    """Mean over all prompts of both classes (accuracy's weighting)."""
-    return float((a.sum() + b.sum()) / (a.size + b.size))

@@ -34,7 +34,6 @@ the fitted directions are held fixed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -45,101 +44,30 @@ from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.directions import Method
 from probes.stats import (
-    Estimate,
     FloatArray,
-    IntArray,
     auc,
     cohens_d,
     percentile_interval,
-    resample_within_groups,
     wilson_interval,
+)
+from probes.transfer import (
+    LANGUAGES,
+    MIN_GROUP,
+    CrossMatrix,
+    cross_matrix,
+    diagonal_drop,
+    group_split,
+    parallel_set,
+    record_matrix,
+    split_by_label,
 )
 from prompts import PromptSet
 
 SEED002_DEPTH = 16 / 25  # "probe @ layer 16" on Gemma-2-2B (26 layers)
-MIN_GROUP = 5  # fewer prompts in a train or test cell is not a measurement
-LANGUAGES = ("en", "es", "fr", "de", "zh")
 METHODS: tuple[Method, ...] = ("probe", "mean_diff")
 SEED_TOPIC = "seed 002 (probe @ layer 16, Gemma-2-2B-IT): same-topic 100.0 %, cross 91.4 %"
 SEED_LANG = ("seed 002 (probe @ layer 16, Gemma-2-2B-IT, both classes in each language): "
              "same-language 100.0 %, cross 99.6 %; mean_diff ~50 % cross-language")
-
-
-@dataclass(frozen=True)
-class CrossMatrix:
-    """Train-group x test-group transfer of one method at one layer."""
-
-    kind: str
-    groups: list[str]
-    method: Method
-    layer: int
-    balanced: FloatArray  # [G, G] balanced accuracy, rows = fitted on, columns = tested on
-    vary: FloatArray  # [G, G] accuracy on the varying class only
-    fixed: FloatArray  # [G] accuracy on the fixed class, per fitted fold
-    drop: Estimate  # mean diagonal - mean off-diagonal of ``balanced``
-    vary_scores: FloatArray  # [G, Nv] projections of the varying class's test prompts
-    fixed_scores: FloatArray  # [G, Nf]
-    vary_group: IntArray  # [Nv]
-    thresholds: FloatArray  # [G] midpoint between the fold's train class means
-    n_train: list[int]
-    n_test: list[int]
-
-
-def cross_matrix(
-    kind: str,
-    method: Method,
-    layer: int,
-    groups: list[str],
-    vary_train: list[FloatArray],
-    vary_test: FloatArray,
-    vary_group: IntArray,
-    fixed_train: FloatArray,
-    fixed_test: FloatArray,
-    *,
-    vary_is_pos: bool,
-    n_boot: int,
-    seed: int,
-) -> CrossMatrix:
-    """Fit one direction per group (varying class from that group, fixed class whole) and
-    test it on every group's held-out prompts; bootstrap the diagonal-minus-off-diagonal drop."""
-    g = len(groups)
-    cv = np.empty((g, len(vary_test)), dtype=bool)
-    cf = np.empty((g, len(fixed_test)), dtype=bool)
-    sv = np.empty((g, len(vary_test)))
-    sf = np.empty((g, len(fixed_test)))
-    thresholds = np.empty(g)
-    for i, vt in enumerate(vary_train):
-        pos, neg = (vt, fixed_train) if vary_is_pos else (fixed_train, vt)
-        u = D.fit_direction(method, pos, neg, seed=seed + i)
-        thr = thresholds[i] = (float((pos @ u).mean()) + float((neg @ u).mean())) / 2.0
-        sv[i], sf[i] = vary_test @ u, fixed_test @ u
-        cv[i] = sv[i] > thr if vary_is_pos else sv[i] <= thr
-        cf[i] = sf[i] <= thr if vary_is_pos else sf[i] > thr
-    onehot = (vary_group[:, None] == np.arange(g)[None, :]).astype(float)
-    onehot /= onehot.sum(axis=0, keepdims=True)
-    vary = cv.astype(float) @ onehot  # [G, G]
-    fixed = cf.mean(axis=1)
-    balanced = 0.5 * fixed[:, None] + 0.5 * vary
-
-    rng = np.random.default_rng(seed)
-    idx_f = rng.integers(0, len(fixed_test), size=(n_boot, len(fixed_test)))
-    idx_v = resample_within_groups(vary_group, n_boot, rng)
-    fb = cf[:, idx_f].mean(axis=-1)  # [G, B]
-    vb = cv[:, idx_v].astype(float) @ onehot  # [G, B, G]
-    mb = 0.5 * fb[..., None] + 0.5 * vb
-    drops = np.array([_drop(mb[:, b, :]) for b in range(n_boot)])
-    lo, hi = percentile_interval(drops)
-    drop = Estimate(_drop(balanced), lo, hi, len(vary_test) + len(fixed_test),
-                    "bootstrap-percentile")
-    return CrossMatrix(kind, groups, method, layer, balanced, vary, fixed, drop, sv, sf,
-                       vary_group, thresholds, [len(v) for v in vary_train],
-                       [int((vary_group == j).sum()) for j in range(g)])
-
-
-def _drop(m: FloatArray) -> float:
-    g = m.shape[0]
-    off = ~np.eye(g, dtype=bool)
-    return float(np.mean(np.diag(m)) - np.mean(m[off]))
 
 
 # --------------------------------------------------------------------------- data
@@ -162,42 +90,15 @@ def _constant(bench: Workbench) -> dict[int, bool]:
 
 
 def _layer_acts(bench: Workbench, ps: PromptSet, layer: int) -> FloatArray:
-    return bench.acts(ps, layers=[layer]).numpy()[:, 0]
-
-
-def _grouped(train: PromptSet, test: PromptSet, label: str) -> tuple[list[str], list[str]]:
-    """Groups with >= MIN_GROUP prompts in both splits, and the rest (to pool)."""
-    ok, rest = [], []
-    for v in sorted(set(train.label(label)) | set(test.label(label))):
-        n_tr, n_te = train.label(label).count(v), test.label(label).count(v)
-        (ok if min(n_tr, n_te) >= MIN_GROUP else rest).append(v)
-    return ok, rest
-
-
-def _split_by(
-    train: PromptSet, test: PromptSet, label: str, tr: FloatArray, te: FloatArray
-) -> tuple[list[str], list[FloatArray], FloatArray, IntArray]:
-    ok, rest = _grouped(train, test, label)
-    mapping = {v: i for i, v in enumerate(ok)}
-    names = list(ok)
-    if rest:
-        n_tr = sum(train.label(label).count(v) for v in rest)
-        n_te = sum(test.label(label).count(v) for v in rest)
-        if min(n_tr, n_te) >= MIN_GROUP:
-            mapping.update({v: len(names) for v in rest})
-            names.append(f"other ({len(rest)} categories)")
-    lab_tr = np.array([mapping.get(v, -1) for v in train.label(label)])
-    lab_te = np.array([mapping.get(v, -1) for v in test.label(label)])
-    vary_train = [tr[lab_tr == i] for i in range(len(names))]
-    keep = lab_te >= 0
-    return names, vary_train, te[keep], lab_te[keep].astype(np.int64)
+    acts: FloatArray = bench.acts(ps, layers=[layer]).numpy()[:, 0]
+    return acts
 
 
 @cache
 def _topic(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
     (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
-    names, vary_train, vary_test, grp = _split_by(
+    names, vary_train, vary_test, grp = split_by_label(
         s_tr, s_te, "topic", _layer_acts(bench, s_tr, layer), _layer_acts(bench, s_te, layer))
     return cross_matrix("harmless topic", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, h_tr, layer), _layer_acts(bench, h_te, layer),
@@ -208,33 +109,11 @@ def _topic(bench: Workbench, method: Method) -> CrossMatrix:
 def _category(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
     (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
-    names, vary_train, vary_test, grp = _split_by(
+    names, vary_train, vary_test, grp = split_by_label(
         h_tr, h_te, "category", _layer_acts(bench, h_tr, layer), _layer_acts(bench, h_te, layer))
     return cross_matrix("harmful category", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, s_tr, layer), _layer_acts(bench, s_te, layer),
                         vary_is_pos=True, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 13)
-
-
-def parallel_set(harmless: PromptSet) -> PromptSet:
-    """The harmless prompts whose translation group exists in every language."""
-    langs: dict[str, set[str]] = {}
-    for grp, lang in zip(harmless.label("group"), harmless.label("language"), strict=True):
-        langs.setdefault(grp, set()).add(lang)
-    idx = [i for i, grp in enumerate(harmless.label("group")) if langs[grp] >= set(LANGUAGES)]
-    return harmless.subset(idx, "harmless/parallel")
-
-
-def group_split(ps: PromptSet, seed: int) -> tuple[set[str], set[str]]:
-    """Translation groups halved into train / test, stratified by topic (seeded)."""
-    by_topic: dict[str, list[str]] = {}
-    for grp, topic in sorted(set(zip(ps.label("group"), ps.label("topic"), strict=True))):
-        by_topic.setdefault(topic, []).append(grp)
-    rng = np.random.default_rng(seed)
-    train: set[str] = set()
-    for topic in sorted(by_topic):
-        groups = by_topic[topic]
-        train.update(rng.permutation(groups)[: len(groups) // 2].tolist())
-    return train, set(ps.label("group")) - train
 
 
 @cache
@@ -262,27 +141,6 @@ def _harmbench_set(bench: Workbench) -> PromptSet:
 # --------------------------------------------------------------------------- reporting
 
 
-def _record_matrix(measure: Any, m: CrossMatrix, seed_note: str) -> None:
-    title = (f"{m.method} @ layer {m.layer}: balanced accuracy, fitted on (rows) x tested on "
-             f"(columns) {m.kind}")
-    measure.plot(f"{m.kind} transfer, {m.method}", "heatmap", matrix=m.balanced.tolist(),
-                 xlabels=m.groups, ylabels=m.groups, vmin=0.5, vmax=1.0, annotate=True,
-                 clabel="balanced accuracy", xlabel=f"tested on {m.kind}",
-                 ylabel=f"fitted on {m.kind}", title=title)
-    measure.table(f"{m.kind} transfer matrix, {m.method} @ layer {m.layer} ({seed_note})",
-                  ["fitted on \\ tested on", *m.groups, "n fit", "fixed-class accuracy"],
-                  [[g, *m.balanced[i].tolist(), m.n_train[i], float(m.fixed[i])]
-                   for i, g in enumerate(m.groups)])
-    measure.table(f"{m.kind} transfer, {m.method}: accuracy on the varying class only",
-                  ["fitted on \\ tested on", *m.groups],
-                  [[g, *m.vary[i].tolist()] for i, g in enumerate(m.groups)])
-    off = ~np.eye(len(m.groups), dtype=bool)
-    measure.metric(f"{m.method}/same_group_accuracy", float(np.mean(np.diag(m.balanced))))
-    measure.metric(f"{m.method}/cross_group_accuracy", float(np.mean(m.balanced[off])))
-    measure.metric(f"{m.method}/drop", m.drop.value, ci=(m.drop.lo, m.drop.hi), n=m.drop.n)
-    measure.metric(f"{m.method}/varying_class_drop", _drop(m.vary))
-
-
 def _cross_check(bench: Workbench, measure: Any, hyp: str, label: str, metric: str,
                  build: Any, seed_note: str, *extra: PromptSet) -> None:
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair(), *extra)
@@ -292,7 +150,7 @@ def _cross_check(bench: Workbench, measure: Any, hyp: str, label: str, metric: s
         measure.skip(hyp, f"fewer than two {probe.kind}s with >= {MIN_GROUP} prompts in both "
                      "splits (use a larger profile)")
     for m in mats.values():
-        _record_matrix(measure, m, seed_note)
+        record_matrix(measure, m, seed_note)
     measure.metric("transfer_layer", probe.layer)
     measure.metric(metric, probe.drop.value, ci=(probe.drop.lo, probe.drop.hi), n=probe.drop.n)
     off = ~np.eye(len(probe.groups), dtype=bool)
@@ -302,7 +160,7 @@ def _cross_check(bench: Workbench, measure: Any, hyp: str, label: str, metric: s
                   f"{np.mean(np.diag(probe.balanced)):.3f}, cross "
                   f"{np.mean(probe.balanced[off]):.3f} over {len(probe.groups)} {probe.kind}s "
                   f"(held-out prompts per group {probe.n_test}); varying-class drop "
-                  f"{_drop(probe.vary):.3f}; mean_diff drop "
+                  f"{diagonal_drop(probe.vary):.3f}; mean_diff drop "
                   f"{mats['mean_diff'].drop.value:.3f}; {seed_note}")
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from probes.kernels import few_row_linears
-from probes.layout import ResidualLayout
+from probes.layout import ResidualLayout, hidden_state_of
 from probes.packing import packed_mlps
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
@@ -69,17 +69,9 @@ class _StopForward(Exception):
     """Raised by a hook to end the forward pass once the deepest layer is recorded."""
 
 
-def _first(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find a hidden-state tensor in module output of type {type(output)}")
-
-
 def _store_hook(sink: list[torch.Tensor], select: Selector) -> Callable[..., None]:
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        sink.append(select(_first(output)).detach().to("cpu", torch.float32))
+        sink.append(select(hidden_state_of(output)).detach().to("cpu", torch.float32))
 
     return hook
 

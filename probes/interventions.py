@@ -21,8 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from probes.capture import _first
-from probes.layout import ResidualLayout
+from probes.layout import ResidualLayout, hidden_state_of
 
 Units = Literal["raw", "ratio"]
 
@@ -181,7 +180,7 @@ class RowSteering:
 
 def _project_out_hook(unit: torch.Tensor) -> Callable[..., Any]:
     def hook(_m: nn.Module, _inputs: Any, output: Any) -> Any:
-        hidden = _first(output)
+        hidden = hidden_state_of(output)
         u = unit.to(hidden.dtype)
         new = hidden - (hidden @ u).unsqueeze(-1) * u
         if isinstance(output, torch.Tensor):

@@ -34,14 +34,13 @@ run-to-run spread (26.6 against 27.3 s, same replies). Prompt passes of more row
 The numbers are the same product summed in another order (float32 rounding):
 ``tests/unit/test_kernels.py`` checks the values, and the generation tests compare replies
 with the kernels on and off and with ``transformers``' ``generate``.
-``REFUSALBENCH_ROWS_FIRST=0`` turns both off (to check a figure, or on a machine where they do
-not pay); the generation cache keys which kernels produced a reply (:func:`layout_tag`). Where
+:data:`FEW_ROW_KERNELS` switches both off (the tests compare replies with and without them);
+the generation cache keys which kernels produced a reply (:func:`layout_tag`). Where
 torch was built without oneDNN, the rows-first layout covers 2 to 128 rows as before.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, partial
@@ -51,11 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FEW_ROWS", "ONEDNN_FROM", "ROWS_FIRST_ENV", "ROWS_FIRST_MIN_WEIGHTS",
+__all__ = ["FEW_ROWS", "FEW_ROW_KERNELS", "ONEDNN_FROM", "ROWS_FIRST_MIN_WEIGHTS",
            "few_row_linears", "kernel_for", "layout_tag", "onednn_available", "onednn_linear",
            "rows_first_linear"]
 
-ROWS_FIRST_ENV = "REFUSALBENCH_ROWS_FIRST"
+FEW_ROW_KERNELS = True
+"""Whether :func:`few_row_linears` switches any module; off, decoding uses ``nn.Linear``."""
 FEW_ROWS = (1, 128)  # rows (tokens in the pass) that leave nn.Linear
 ONEDNN_FROM = 8  # oneDNN for 1 row and from 8 rows; rows-first for 2 to 7
 ROWS_FIRST_MIN_WEIGHTS = 1 << 19  # matrices of at least 512 Ki weights (2 MiB in float32)
@@ -118,20 +118,9 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def enabled() -> bool:
-    """Whether ``REFUSALBENCH_ROWS_FIRST`` leaves the few-row kernels on (the default, also when
-    unset or empty); any value other than 1/0, true/false, yes/no, on/off is an error."""
-    value = os.environ.get(ROWS_FIRST_ENV, "").strip().lower()
-    if value in ("", *_ON):
-        return True
-    if value in _OFF:
-        return False
-    raise ValueError(f"{ROWS_FIRST_ENV}={os.environ[ROWS_FIRST_ENV]!r} is not understood: "
-                     f"set it to 0 (nn.Linear's own matmuls) or 1 (the few-row kernels of "
-                     f"probes.kernels, the default), or unset it")
+    """Whether the few-row kernels are on (:data:`FEW_ROW_KERNELS`)."""
+    return FEW_ROW_KERNELS
 
 
 def layout_tag(dtype: torch.dtype, device: torch.device | str) -> str:

@@ -285,3 +285,17 @@ def find_layout(model: nn.Module) -> ResidualLayout:
         writers=writers,
         exact_orthogonalisation=not sandwich,
     )
+
+
+def hidden_state_of(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module's forward output: the output itself, or the
+    first element of the tuple a decoder layer or attention block returns.
+
+    Example:
+        module.register_forward_hook(lambda m, args, out: seen.append(hidden_state_of(out)))
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find a hidden-state tensor in module output of type {type(output)}")

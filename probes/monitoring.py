@@ -51,7 +51,7 @@ from torch import nn
 
 from probes.capture import SITES, Site, site_module
 from probes.generation import Generations, generate
-from probes.layout import ResidualLayout
+from probes.layout import ResidualLayout, hidden_state_of
 
 __all__ = [
     "CODE_LINE_PATTERN",
@@ -110,14 +110,6 @@ class _Segment:
     final_mask: torch.Tensor | None = None  # [batch, T] the last call's attention mask
     alive: list[int] | None = None  # segment rows still in the batch (after rows left)
     left: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> its last mask
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find a hidden-state tensor in module output of type {type(output)}")
 
 
 class TokenMonitor:
@@ -223,7 +215,7 @@ class TokenMonitor:
 
     def _post_hook(self, layer: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._store(layer, _hidden(output))
+            self._store(layer, hidden_state_of(output))
 
         return hook
 

@@ -163,6 +163,29 @@ def rate(
 # --------------------------------------------------------------------------- two groups
 
 
+def newcombe_difference(k1: int, n1: int, k2: int, n2: int, conf: float = 0.95
+                        ) -> tuple[float, float, float]:
+    """p1 - p2 with Newcombe's hybrid score interval (method 10, from Wilson intervals).
+    For positively correlated (paired) data it is conservative."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, conf)
+    l2, u2 = wilson_interval(k2, n2, conf)
+    d = p1 - p2
+    return (d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+            d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def mcnemar_one_sided_p(before: np.ndarray, after: np.ndarray, direction: str) -> float:
+    """Exact one-sided McNemar p on paired outcomes (the same prompts before and after);
+    ``direction`` "drop" tests fewer positives after, anything else more."""
+    b = int(np.sum(before & ~after))  # refused before only
+    c = int(np.sum(~before & after))  # refused after only
+    if b + c == 0:
+        return 1.0
+    k = b if direction == "drop" else c
+    return float(scipy.stats.binomtest(k, b + c, 0.5, alternative="greater").pvalue)
+
+
 def welch_t(a: npt.ArrayLike, b: npt.ArrayLike) -> tuple[float, float]:
     """Welch's unequal-variance t-test, two-sided: (t, p). t > 0 when mean(a) > mean(b).
 

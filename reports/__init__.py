@@ -1,7 +1,9 @@
 """refusalbench reports: hypothesis registry, ``measure`` records, JSON/HTML reports, baseline gate.
 
 The pytest plugin is :mod:`reports.plugin`; ``python -m reports`` compares and renders
-stored JSON reports. This package never imports ``fixtures`` or ``probes``.
+stored JSON reports. It never imports ``fixtures``, and from ``probes`` only
+``probes.models.native_bf16``, lazily in :mod:`reports.provenance`: a report records the
+same bfloat16 check that ``--dtype auto`` used to pick the dtype.
 """
 
 from reports.baseline import Comparison, compare

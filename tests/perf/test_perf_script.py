@@ -1,4 +1,4 @@
-"""Smoke test of `make perf` (benchmarks/perf.py) on a tiny random model, in a subprocess.
+"""Smoke test of `make perf` (perf/__main__.py) on a tiny random model, in a subprocess.
 
 One quick run of every section that works without a GGUF model; the JSON it writes is
 checked for structure, for the parity checks the script makes itself (same activations,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.perf
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "benchmarks.perf", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "perf", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -150,7 +150,7 @@ def test_bad_section_is_a_usage_error() -> None:
 
 
 def test_a_missing_peer_is_reported_not_faked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks.perf_work import Inputs, Unavailable, Workloads
+    from perf.work import Inputs, Unavailable, Workloads
     from probes.models import load
 
     monkeypatch.setitem(sys.modules, "steering_vectors", None)  # import raises ImportError
@@ -162,7 +162,7 @@ def test_a_missing_peer_is_reported_not_faked(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_per_round_ratios_pair_each_round() -> None:
-    from benchmarks.perf_report import per_round, per_round_note
+    from perf.report import per_round, per_round_note
 
     # the machine slows down between rounds; each round pairs the two tools' own times
     rounds = per_round([10.0, 20.0, 15.0], [100.0, 200.0, 150.0])

@@ -9,13 +9,14 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 import torch
 
+from probes import kernels
 from probes.generation import (
     common_prefix_len,
     generate,
     plain_greedy,
     prefix_sharing_supported,
 )
-from probes.kernels import ONEDNN_FROM, ROWS_FIRST_ENV, few_row_linears
+from probes.kernels import ONEDNN_FROM, few_row_linears
 from probes.models import LoadedModel, load
 
 RaggedStop = Callable[[LoadedModel, list[str], int], int]
@@ -165,9 +166,9 @@ def test_real_model_rows_first_layout_keeps_replies(
     assert len(p) >= ONEDNN_FROM + 2  # oneDNN passes, and rows-first ones as rows end
     with few_row_linears(real_model.model) as n:
         assert n > 0 or real_model.dtype != torch.float32
-    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
     off = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
-    monkeypatch.setenv(ROWS_FIRST_ENV, "1")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     on = generate(real_model.model, real_model.tokenizer, p, 12, batch_size=len(p))
     assert on.token_ids == off.token_ids
 

@@ -291,17 +291,15 @@ def test_clustered_providers_give_a_ratio_below_one() -> None:
 
 
 def test_cone_and_causal_prompts_are_balanced_and_held_out(tmp_path: Path) -> None:
-    from benchmarks.test_concept_cone import (
+    from fixtures.options import PROFILES, parse_alphas, parse_layers
+    from fixtures.workbench import BenchConfig, Progress, Workbench
+    from probes.cache import ActivationCache
+    from probes.concept_cone import (
         MIN_CATEGORIES,
-        N_CAUSAL,
-        N_PER_CATEGORY,
         causal_layer,
         causal_prompts,
         cone_prompts,
     )
-    from fixtures.options import PROFILES, parse_alphas, parse_layers
-    from fixtures.workbench import BenchConfig, Progress, Workbench
-    from probes.cache import ActivationCache
     from probes.models import load
 
     for profile in ("quick", "full"):
@@ -313,21 +311,23 @@ def test_cone_and_causal_prompts_are_balanced_and_held_out(tmp_path: Path) -> No
             defaults=PROFILES[profile])
         bench = Workbench(load("tiny-llama"), cfg, ActivationCache(tmp_path, enabled=False),
                           Progress(lambda _m: None))
-        cone = cone_prompts(bench)
+        split = bench.harmful_split
+        cone = cone_prompts(split, PROFILES[profile].cone_per_category, 0)
         assert cone is not None
         cats = cone.label("category")
         counts = {c: cats.count(c) for c in set(cats)}
         assert len(counts) >= MIN_CATEGORIES
-        assert set(counts.values()) == {N_PER_CATEGORY[profile]}
+        assert set(counts.values()) == {PROFILES[profile].cone_per_category}
         assert min(counts.values()) >= 15
-        split = bench.harmful_split
         fit_pool = set(split.train.texts) | set(split.val.texts)
         assert set(cone.texts) <= fit_pool
-        assert cone_prompts(bench) == cone  # seeded: the same prompts again
-        held = causal_prompts(bench, sorted(counts))
+        n = PROFILES[profile].cone_per_category
+        assert cone_prompts(split, n, 0) == cone  # seeded: the same prompts again
+        held = causal_prompts(split.test, sorted(counts),
+                              PROFILES[profile].cone_causal_per_category, 0)
         assert not set(held.texts) & set(cone.texts)
         assert set(held.texts) <= set(split.test.texts)
         held_counts = {c: held.label("category").count(c) for c in counts}
-        assert set(held_counts.values()) == {N_CAUSAL[profile]}
+        assert set(held_counts.values()) == {PROFILES[profile].cone_causal_per_category}
     assert causal_layer(24) == 12
     assert causal_layer(30) == 14

@@ -26,7 +26,6 @@ from torch import nn
 import probes.kernels as kernels
 from probes.generation import generate
 from probes.kernels import (
-    ROWS_FIRST_ENV,
     few_row_linears,
     kernel_for,
     layout_tag,
@@ -114,13 +113,12 @@ def _counting(module: nn.Linear) -> dict[str, list[int]]:
 @pytest.fixture
 def no_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "ROWS_FIRST_MIN_WEIGHTS", 0)
-    monkeypatch.delenv(ROWS_FIRST_ENV, raising=False)
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     monkeypatch.setattr(kernels, "rows_first_linear", kernels.rows_first_linear)
     monkeypatch.setattr(kernels, "onednn_linear", kernels.onednn_linear)
 
 
 def test_switches_large_float32_linears_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ROWS_FIRST_ENV, raising=False)
     model = nn.Sequential(nn.Linear(4, 2048), nn.Linear(2048, 4), nn.Linear(4, 4))
     monkeypatch.setattr(kernels, "ROWS_FIRST_MIN_WEIGHTS", 2048 * 4)
     with few_row_linears(model) as n:
@@ -140,19 +138,16 @@ def test_leaves_other_modules_alone(no_threshold: None) -> None:
     assert vars(own)["forward"] is not None and "forward" not in vars(model[0])
 
 
-def test_environment_switch(monkeypatch: pytest.MonkeyPatch, no_threshold: None) -> None:
+def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch,
+                                      no_threshold: None) -> None:
     model = nn.Sequential(nn.Linear(8, 8))
-    for off in ("0", "off", "false"):
-        monkeypatch.setenv(ROWS_FIRST_ENV, off)
-        with few_row_linears(model) as n:
-            assert n == 0
-    for on in ("1", "on", ""):
-        monkeypatch.setenv(ROWS_FIRST_ENV, on)
-        with few_row_linears(model) as n:
-            assert n == 1
-    monkeypatch.setenv(ROWS_FIRST_ENV, "maybe")
-    with pytest.raises(ValueError, match="REFUSALBENCH_ROWS_FIRST='maybe' is not understood"):
-        layout_tag(torch.float32, "cpu")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
+    with few_row_linears(model) as n:
+        assert n == 0
+    assert layout_tag(torch.float32, "cpu") == "linear"
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
+    with few_row_linears(model) as n:
+        assert n == 1
 
 
 def test_row_window_hooks_edits_and_exceptions(no_threshold: None) -> None:
@@ -210,10 +205,10 @@ def test_replies_equal_with_the_layout_on_and_off(
     head = lm.model.get_output_embeddings()
     seen = _counting(head)
     prompts = lm.format([f"Tell me about the number {i} and why it matters" for i in range(20)])
-    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
     off = generate(lm.model, lm.tokenizer, prompts, 10, batch_size=20)
     assert seen == {"rows-first": [], "onednn": []}
-    monkeypatch.setenv(ROWS_FIRST_ENV, "1")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     on = generate(lm.model, lm.tokenizer, prompts, 10, batch_size=20)
     used = seen["rows-first"] + seen["onednn"]
     assert used and all(1 <= rows <= 128 for rows in used)
@@ -221,7 +216,7 @@ def test_replies_equal_with_the_layout_on_and_off(
 
 
 def test_layout_tag(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ROWS_FIRST_ENV, raising=False)
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     floor = f">={kernels.ROWS_FIRST_MIN_WEIGHTS >> 10}Ki"
     assert layout_tag(torch.float32, "cpu") == (
         "onednn+rows-first" if onednn_available() else "rows-first") + floor
@@ -229,5 +224,5 @@ def test_layout_tag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert layout_tag(torch.float32, "cpu").endswith(">=4096Ki")  # the floor is in the key
     assert layout_tag(torch.bfloat16, "cpu") == "linear"
     assert layout_tag(torch.float32, "meta") == "linear"
-    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
     assert layout_tag(torch.float32, "cpu") == "linear"

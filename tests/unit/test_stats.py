@@ -467,3 +467,22 @@ def test_separation_checker_matches_definition() -> None:
         up = fail_at.size == 0 or succ_at.size == 0 or fail_at.max() <= succ_at.min()
         down = fail_at.size == 0 or succ_at.size == 0 or succ_at.max() <= fail_at.min()
         assert stats._separated_rows(alphas, k[None, :], n)[0] == (up or down)
+
+
+def test_newcombe_difference_matches_statsmodels() -> None:
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    for k1, n1, k2, n2 in [(12, 40, 25, 40), (0, 10, 3, 12), (9, 9, 1, 15)]:
+        d, lo, hi = stats.newcombe_difference(k1, n1, k2, n2)
+        ref_lo, ref_hi = confint_proportions_2indep(k1, n1, k2, n2, method="newcomb",
+                                                    compare="diff")
+        assert d == pytest.approx(k1 / n1 - k2 / n2)
+        assert (lo, hi) == pytest.approx((ref_lo, ref_hi), abs=1e-9)
+
+
+def test_mcnemar_one_sided_p_uses_only_discordant_pairs() -> None:
+    before = np.array([True] * 10 + [False] * 5)
+    after = np.array([False] * 10 + [False] * 5)
+    assert stats.mcnemar_one_sided_p(before, after, "drop") == pytest.approx(0.5**10)
+    assert stats.mcnemar_one_sided_p(before, after, "rise") == pytest.approx(1.0)
+    assert stats.mcnemar_one_sided_p(before, before, "drop") == 1.0  # no discordant pair

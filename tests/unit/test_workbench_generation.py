@@ -10,9 +10,10 @@ import torch
 
 from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import BenchConfig, Progress, Workbench
+from probes import kernels
 from probes.cache import ActivationCache
 from probes.interventions import count_hooks, plan_raw, steer
-from probes.kernels import ROWS_FIRST_ENV, layout_tag
+from probes.kernels import layout_tag
 from probes.models import load
 
 
@@ -76,10 +77,10 @@ def test_generation_key_names_the_matmul_layout(tmp_path: Path,
     bench = _bench(tmp_path)
     harm = bench.harmful_split.test.sample(2, 0, "category")
     monkeypatch.setattr(bench.lm, "dtype", torch.float32)  # the layout is float32-only
-    monkeypatch.setenv(ROWS_FIRST_ENV, "1")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     on, on_src, _ = bench._gen_entry(harm, "none", 8)
     on_tag = layout_tag(torch.float32, "cpu")  # e.g. "onednn+rows-first>=512Ki"
-    monkeypatch.setenv(ROWS_FIRST_ENV, "0")
+    monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
     off, off_src, _ = bench._gen_entry(harm, "none", 8)
     assert on != off
     assert on_tag != "linear"

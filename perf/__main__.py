@@ -1,6 +1,6 @@
 """`make perf`: how fast the suite is, against its targets and against peer tools.
 
-    python -m benchmarks.perf [--model SPEC ...] [--quick] [--sections a,b,...]
+    python -m perf [--model SPEC ...] [--quick] [--sections a,b,...]
                               [--repeats N] [--out reports/out/perf.json] [--no-memory]
 
 Sections (default: all but ``doseresponse``):
@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from probes.progress import Progress
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("load", "activations", "generation", "doseresponse", "compare-acts",
             "compare-steer", "abliteration")
@@ -93,26 +95,21 @@ class Settings:
                        gen_bs1_prompts=2, new_tokens=16, n_steer=8, steer_alpha=0.5,
                        dose_alphas="-1,0,1", dose_per_class=4, matmul_sizes=(2048,),
                        matmul_repeats=3, cold_load=bool(cold_load), memory=memory)
+        from fixtures.options import PROFILES
+
+        full = PROFILES["full"]  # the generation workloads are sized like `make bench`
         return cls(quick=False, repeats=repeats or 3, load_repeats=max(3, repeats or 3),
                    n_acts=128, n_compare=256, batch_size=64, gen_batch_sizes=(1, 8, 32, 64),
-                   gen_bs1_prompts=4, new_tokens=48, n_steer=40, steer_alpha=0.5,
-                   dose_alphas="-2:2:0.25", dose_per_class=20, matmul_sizes=(2048, 3072, 4096),
+                   gen_bs1_prompts=4, new_tokens=full.max_new_tokens, n_steer=40,
+                   steer_alpha=0.5, dose_alphas=full.alphas, dose_per_class=full.n_gen,
+                   matmul_sizes=(2048, 3072, 4096),
                    matmul_repeats=5, cold_load=cold_load is not False, memory=memory)
 
 
 def perf_dtype() -> str:
-    from benchmarks.perf_work import perf_dtype as dtype
+    from perf.work import perf_dtype as dtype
 
     return dtype()
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        sys.stderr.write(f"[perf {time.monotonic() - self.t0:7.1f}s] {message}\n")
-        sys.stderr.flush()
 
 
 def _parse_sections(values: Sequence[str] | None) -> tuple[str, ...]:
@@ -136,7 +133,7 @@ def _parse_sections(values: Sequence[str] | None) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.perf",
+        prog="python -m perf",
         description="Timing and memory of the suite against its targets and peer tools.",
         epilog="sections: " + ", ".join(SECTIONS) + " (default: all but doseresponse)")
     p.add_argument("--model", action="append", dest="models", metavar="SPEC",
@@ -165,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _child(spec: str, task: str, inputs: Any, progress: Progress, threads: int | None,
            timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run ``benchmarks.perf_child`` for one task; its JSON result (or an error entry)."""
-    cmd = [sys.executable, "-m", "benchmarks.perf_child", "--model", spec, "--task", task,
+    """Run ``perf.child`` for one task; its JSON result (or an error entry)."""
+    cmd = [sys.executable, "-m", "perf.child", "--model", spec, "--task", task,
            "--inputs", json.dumps(inputs.as_json() if hasattr(inputs, "as_json") else inputs)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -187,15 +184,15 @@ def _child(spec: str, task: str, inputs: Any, progress: Progress, threads: int |
 
 def _memory_figure(report: Any, fid: str, section: str, label: str, res: dict[str, Any],
                    target: Any = None) -> None:
-    from benchmarks.perf_report import GIB, Figure
+    from perf.report import GIB, Figure
 
     if "unavailable" in res or "error" in res:
         status = "unavailable" if "unavailable" in res else "error"
         report.add(Figure(fid, section, label, None, "bytes", status=status,
                           note=res.get("unavailable") or res.get("error", "")))
         return
-    extra = {k: res[k] for k in ("baseline_rss_bytes", "work_peak_rss_bytes", "seconds",
-                                 "max_rss_bytes") if k in res}
+    extra: dict[str, Any] = {k: res[k] for k in ("baseline_rss_bytes", "work_peak_rss_bytes",
+                                                 "seconds", "max_rss_bytes") if k in res}
     # The weights are memory-mapped safetensors, paged in (and counted in RSS) when first
     # used: RSS before the task is not "the model", so the peak is reported whole.
     report.add(Figure(fid, section, label, float(res["max_rss_bytes"]), "bytes", target=target,
@@ -213,7 +210,7 @@ def _directions(lm: Any, acts: Any | None, n: int, seed: int, batch_size: int,
     """
     import torch
 
-    from benchmarks.perf_work import prompt_mix
+    from perf.work import prompt_mix
     from probes.capture import capture
 
     if acts is None:
@@ -250,11 +247,11 @@ class Run:
 
     # -- roofline ----------------------------------------------------------------------
     def measure_roofline(self) -> dict[str, Any]:
-        from benchmarks.perf_report import median
-        from benchmarks.perf_work import matmul_gflops
+        from perf.report import median
+        from perf.work import matmul_gflops
 
         if self.roofline is None:
-            per_size = {}
+            per_size: dict[str, dict[str, Any]] = {}
             for size in self.s.matmul_sizes:
                 rates = matmul_gflops(size, self.s.matmul_repeats)
                 per_size[str(size)] = {"samples": rates, "median": median(rates)}
@@ -270,7 +267,7 @@ class Run:
 
     # -- one model ---------------------------------------------------------------------
     def model(self, spec: str) -> Any:
-        from benchmarks.perf_report import ModelReport
+        from perf.report import ModelReport
         from probes.models import load
 
         report = ModelReport(spec)
@@ -334,7 +331,7 @@ class Run:
 
     # -- A: issue 2 --------------------------------------------------------------------
     def section_load(self, spec: str, report: Any) -> Any:
-        from benchmarks.perf_report import Figure, Target, median
+        from perf.report import Figure, Target, median
         from probes.models import load
 
         p = self.progress
@@ -375,8 +372,8 @@ class Run:
 
     def section_activations(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                             ) -> None:
-        from benchmarks.perf_report import GIB, Figure, Target, median
-        from benchmarks.perf_work import Inputs, Workloads, interleaved
+        from perf.report import GIB, Figure, Target, median
+        from perf.work import Inputs, Workloads, interleaved
         from probes.capture import Activations
 
         s, p = self.s, self.progress
@@ -429,8 +426,8 @@ class Run:
     # -- B: issue 5 ----------------------------------------------------------------------
     def section_generation(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                            ) -> None:
-        from benchmarks.perf_report import Figure, Target, median
-        from benchmarks.perf_work import interleaved, prompt_mix
+        from perf.report import Figure, Target, median
+        from perf.work import interleaved, prompt_mix
         from probes.generation import generate
 
         s, p = self.s, self.progress
@@ -500,9 +497,9 @@ class Run:
                              ) -> None:
         import torch
 
-        from benchmarks.perf_report import Figure
-        from benchmarks.perf_work import prompt_mix
         from fixtures.options import parse_alphas
+        from perf.report import Figure
+        from perf.work import prompt_mix
         from probes.generation import generate
         from probes.interventions import plan_raw, steer
 
@@ -537,8 +534,8 @@ class Run:
     # -- C: issue 9 ----------------------------------------------------------------------
     def section_compare_acts(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                              ) -> None:
-        from benchmarks.perf_report import Figure, Target, median, per_round, per_round_note
-        from benchmarks.perf_work import Inputs, Unavailable, Workloads, interleaved
+        from perf.report import Figure, Target, median, per_round, per_round_note
+        from perf.work import Inputs, Unavailable, Workloads, interleaved
         from probes.capture import Activations
 
         s, p = self.s, self.progress
@@ -627,8 +624,8 @@ class Run:
 
     def section_compare_steer(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                               ) -> None:
-        from benchmarks.perf_report import Figure, Target, median, per_round, per_round_note
-        from benchmarks.perf_work import Inputs, Unavailable, Workloads, interleaved
+        from perf.report import Figure, Target, median, per_round, per_round_note
+        from perf.work import Inputs, Unavailable, Workloads, interleaved
 
         s, p = self.s, self.progress
         sec = "compare-steer"
@@ -698,8 +695,8 @@ class Run:
 
     def section_abliteration(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                              ) -> None:
-        from benchmarks.perf_report import Figure, median
-        from benchmarks.perf_work import Inputs, Workloads, interleaved
+        from perf.report import Figure, median
+        from perf.work import Inputs, Workloads, interleaved
 
         s, p = self.s, self.progress
         sec = "abliteration"
@@ -755,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from benchmarks.perf_work import DTYPE_ENV
+    from perf.work import DTYPE_ENV
     from probes.models import dtype_name, parse_dtype
 
     try:
@@ -764,17 +761,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     os.environ[DTYPE_ENV] = dtype  # child processes load in the same dtype ("auto" resolved)
 
-    from benchmarks.perf_report import machine_info, now_iso, render_table, target_text
-    from benchmarks.perf_work import max_rss_bytes
+    from perf.report import machine_info, now_iso, render_table, target_text
+    from perf.work import max_rss_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     models = tuple(args.models or DEFAULT_MODELS)
     settings = Settings.make(args.quick, args.repeats, not args.no_memory, args.cold_load)
-    progress = Progress()
+    progress = Progress(every_s=0.0, label="perf")
     doc: dict[str, Any] = {
         "schema": "refusalbench-perf/1", "date": now_iso(),
-        "command": "python -m benchmarks.perf " + " ".join(sys.argv[1:] if argv is None
+        "command": "python -m perf " + " ".join(sys.argv[1:] if argv is None
                                                            else argv),
         "quick": settings.quick, "sections": list(sections), "settings": settings.__dict__,
         "machine": machine_info(torch.get_num_threads()),

@@ -4,8 +4,8 @@ Every workload is built by :func:`build_task` from a :class:`Workloads` (a loade
 the inputs a task needs) and returns a zero-argument callable: the setup that is not part
 of the figure (booting a peer's wrapper, formatting prompts, deep copies a tool needs before
 it starts) happens in ``build_task``; the callable is the measured work. The parent process
-times the callables interleaved (``benchmarks.perf``); a child process
-(``benchmarks.perf_child``) runs one of them once to measure its peak memory.
+times the callables interleaved (``perf``); a child process
+(``perf.child``) runs one of them once to measure its peak memory.
 
 Tasks (``TASKS``):
 
@@ -362,8 +362,8 @@ class Workloads:
         prompts = self.gen_prompts()
         batches = self.batches(prompts)
         order = self._sorted_order(prompts)
-        model, tok, n, alpha = self.lm.model, self.lm.tokenizer, self.inputs.new_tokens, \
-            self.inputs.alpha
+        model: Any = self.lm.model  # a transformers model: generate() is not typed on nn.Module
+        tok, n, alpha = self.lm.tokenizer, self.inputs.new_tokens, self.inputs.alpha
         stops = stop_token_ids(model, tok)
         pad = tok.pad_token_id
 
@@ -384,7 +384,8 @@ class Workloads:
 
     def _gen_loop(self) -> Task:
         lm, n, plan = self.lm, self.inputs.new_tokens, self._steer_plan()
-        tok, model = lm.tokenizer, lm.model
+        tok = lm.tokenizer
+        model: Any = lm.model  # a transformers model: generate() is not typed on nn.Module
         stops = stop_token_ids(model, tok)
         ids = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
                for p in self.gen_prompts()]
@@ -446,7 +447,7 @@ class Workloads:
         @torch.no_grad()
         def run() -> float:
             # What an abliteration notebook does: copy, then edit the usual HF modules.
-            edited = copy.deepcopy(lm.model)
+            edited: Any = copy.deepcopy(lm.model)
             emb = edited.get_input_embeddings().weight  # [vocab, d]
             u = (r.float() / r.float().norm()).to(emb.dtype)  # in the weights' dtype
             emb -= torch.outer(emb @ u, u)

@@ -1,5 +1,5 @@
-"""Statistics of the per-layer experiment (issue 4) against scipy / statsmodels, and the
-invariances the issue asks for, as property tests on synthetic activations.
+"""Statistics of the per-layer experiment against scipy / statsmodels, and the
+invariances they must have, as property tests on synthetic activations.
 
 Already covered elsewhere (not repeated): Cohen's d of two samples is invariant to a
 common shift and a positive scale (tests/unit/test_stats.py); every extraction method's
@@ -20,11 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
 
-from benchmarks.test_extraction_methods import accuracy_bootstrap
-from benchmarks.test_transfer import cross_matrix, group_split, parallel_set
 from probes import directions as D
 from probes import stats
-from prompts import PromptSet
 
 FAST = settings(max_examples=10, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -162,88 +159,6 @@ def test_heldout_correct_agrees_with_evaluate_direction() -> None:
     for j, e in enumerate(evals):
         assert np.concatenate([cp[:, j], cn[:, j]]).mean() == pytest.approx(e.accuracy)
         assert (cp[:, j].mean() + cn[:, j].mean()) / 2 == pytest.approx(e.balanced_accuracy)
-
-
-def test_accuracy_bootstrap_matches_scipy_stratified_percentile_bootstrap() -> None:
-    rng = np.random.default_rng(8)
-    pos = (rng.random(40) < 0.8).astype(float)
-    neg = (rng.random(30) < 0.6).astype(float)
-    est = accuracy_bootstrap(pos[:, None], neg[:, None], n_boot=20000, seed=1,
-                             resample_layers=False)
-    assert est.value == pytest.approx((pos.sum() + neg.sum()) / 70)
-
-    def pooled(a: np.ndarray, b: np.ndarray) -> float:
-        return float((a.sum() + b.sum()) / (a.size + b.size))
-
-    ref = scipy.stats.bootstrap((pos, neg), pooled, method="percentile", n_resamples=20000,
-                                vectorized=False, random_state=np.random.default_rng(2))
-    assert est.lo == pytest.approx(ref.confidence_interval.low, abs=0.015)
-    assert est.hi == pytest.approx(ref.confidence_interval.high, abs=0.015)
-    # Resampling layers widens the interval when layers disagree, never changes the value.
-    per_layer = np.stack([pos, 1 - pos, pos], axis=1)
-    neg_layer = np.stack([neg, 1 - neg, neg], axis=1)
-    fixed = accuracy_bootstrap(per_layer, neg_layer, n_boot=4000, seed=3, resample_layers=False)
-    both = accuracy_bootstrap(per_layer, neg_layer, n_boot=4000, seed=3, resample_layers=True)
-    assert fixed.value == both.value
-    assert both.hi - both.lo > fixed.hi - fixed.lo
-
-
-def _grouped_data(seed: int, confound: float) -> dict[str, object]:
-    """Three groups of the varying (neg) class; with ``confound`` each group is shifted
-    along its own axis, so a direction fitted on one group transfers worse."""
-    rng = np.random.default_rng(seed)
-    d = 12
-    axis = D.unit(rng.standard_normal(d))
-    group_axes = D.unit(rng.standard_normal((3, d)))
-    pos_tr = rng.standard_normal((40, d)) + 2.5 * axis
-    pos_te = rng.standard_normal((40, d)) + 2.5 * axis
-    vary_tr = [rng.standard_normal((15, d)) + confound * group_axes[g] for g in range(3)]
-    grp = np.repeat(np.arange(3), 15)
-    vary_te = rng.standard_normal((45, d)) + confound * group_axes[grp]
-    return {"vary_train": vary_tr, "vary_test": vary_te, "grp": grp.astype(np.int64),
-            "fixed_train": pos_tr, "fixed_test": pos_te}
-
-
-def test_cross_matrix_by_brute_force() -> None:
-    data = _grouped_data(9, confound=3.0)
-    m = cross_matrix("g", "mean_diff", 0, ["a", "b", "c"], data["vary_train"],  # type: ignore[arg-type]
-                     data["vary_test"], data["grp"], data["fixed_train"],  # type: ignore[arg-type]
-                     data["fixed_test"], vary_is_pos=False, n_boot=300, seed=0)  # type: ignore[arg-type]
-    pos_tr, pos_te = data["fixed_train"], data["fixed_test"]
-    for i, vt in enumerate(data["vary_train"]):  # type: ignore[arg-type]
-        u = D.fit_direction("mean_diff", pos_tr, vt, seed=0)  # type: ignore[arg-type]
-        for j in range(3):
-            neg_te = data["vary_test"][data["grp"] == j]  # type: ignore[index]
-            e = D.evaluate_direction(u, pos_tr, vt, pos_te, neg_te)  # type: ignore[arg-type]
-            assert m.balanced[i, j] == pytest.approx(e.balanced_accuracy)
-    off = ~np.eye(3, dtype=bool)
-    assert m.drop.value == pytest.approx(np.diag(m.balanced).mean() - m.balanced[off].mean())
-    # One class fixed: the balanced-accuracy drop is half the varying class's drop.
-    vary_drop = np.diag(m.vary).mean() - m.vary[off].mean()
-    assert m.drop.value == pytest.approx(vary_drop / 2)
-    assert m.drop.lo <= m.drop.value <= m.drop.hi
-    assert m.drop.value > 0.05  # confounded groups transfer worse
-    clean = _grouped_data(9, confound=0.0)
-    m0 = cross_matrix("g", "mean_diff", 0, ["a", "b", "c"], clean["vary_train"],  # type: ignore[arg-type]
-                      clean["vary_test"], clean["grp"], clean["fixed_train"],  # type: ignore[arg-type]
-                      clean["fixed_test"], vary_is_pos=False, n_boot=300, seed=0)  # type: ignore[arg-type]
-    assert m0.drop.lo < 0.0 < m0.drop.hi or abs(m0.drop.value) < 0.05
-
-
-def test_group_split_keeps_translations_together() -> None:
-    rows = [(g, lg, t) for t in ("a", "b") for g in (f"{t}1", f"{t}2", f"{t}3", f"{t}4")
-            for lg in ("en", "es", "fr", "de", "zh")]
-    rows.append(("solo", "en", "a"))  # English only: not part of the parallel set
-    ps = PromptSet("h", tuple(f"{g}-{lg}" for g, lg, _ in rows),
-                   {"group": tuple(r[0] for r in rows), "language": tuple(r[1] for r in rows),
-                    "topic": tuple(r[2] for r in rows)})
-    par = parallel_set(ps)
-    assert len(par) == 40
-    train, test = group_split(par, seed=0)
-    assert not train & test
-    assert train | test == set(par.label("group"))
-    assert sum(g.startswith("a") for g in train) == 2  # stratified by topic
-    assert group_split(par, seed=0) == (train, test)
 
 
 # --------------------------------------------------------------------------- properties

@@ -1,7 +1,7 @@
 """Cross-layer alignment of a model's refusal directions: computed once, recorded alike.
 
 Shared by the experiments that need it (the concept cone, DETECTED_PROCEEDS layer
-localisation): call :func:`cross_layer_of` for the numbers and
+localisation): call :func:`layer_alignment` for the numbers and
 :func:`record_cross_layer` to put them in a report, instead of re-deriving either.
 Definitions: SCIENCE.md, "DETECTED_PROCEEDS" (|cos| matrix of r̂_l, persistence, clusters
 at |cos| >= 0.85); the function is :func:`probes.geometry.cross_layer_alignment`.
@@ -14,12 +14,10 @@ result says which.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
 
-from fixtures.workbench import Workbench
 from probes.geometry import (
     ALIGNMENT_ABS_COS_THRESHOLD,
     CrossLayerAlignment,
@@ -27,7 +25,7 @@ from probes.geometry import (
     informative_layers,
 )
 
-__all__ = ["LayerAlignment", "cross_layer_of", "record_cross_layer"]
+__all__ = ["LayerAlignment", "layer_alignment", "record_cross_layer"]
 
 
 @dataclass(frozen=True)
@@ -54,16 +52,14 @@ class LayerAlignment:
         return dict(zip(self.layers, self.alignment.persistence.tolist(), strict=True))
 
 
-@cache
-def cross_layer_of(
-    bench: Workbench, threshold: float = ALIGNMENT_ABS_COS_THRESHOLD
+def layer_alignment(
+    raw: np.ndarray, model_name: str, threshold: float = ALIGNMENT_ABS_COS_THRESHOLD
 ) -> LayerAlignment:
-    """Cross-layer alignment of ``bench.refusal_directions`` (resid_pre, last token, train
-    split), memoised per Workbench (one per model per session) and threshold."""
-    raw = bench.refusal_directions.raw.numpy()  # [L, d]
+    """Cross-layer alignment of the per-layer refusal directions ``raw`` [L, d] of
+    ``model_name`` (resid_pre, last token, train split), at ``threshold``."""
     keep = informative_layers(raw)
     if len(keep) < 2:
-        raise ValueError(f"{bench.lm.name}: fewer than two layers have a refusal direction")
+        raise ValueError(f"{model_name}: fewer than two layers have a refusal direction")
     excluded = tuple(i for i in range(raw.shape[0]) if i not in keep)
     return LayerAlignment(tuple(keep), excluded, cross_layer_alignment(raw[keep], threshold))
 

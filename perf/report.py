@@ -100,7 +100,7 @@ def machine_info(torch_threads: int) -> dict[str, Any]:
     import psutil
     import torch
 
-    from benchmarks.perf_work import cpu_model, environment_threads, package_version
+    from perf.work import cpu_model, environment_threads, package_version
     from probes.kernels import layout_tag
 
     try:

@@ -1,7 +1,7 @@
 """One perf workload, once, in a fresh process: its wall time and peak memory as JSON.
 
 Peak memory is monotonic within a process, so `make perf` measures each tool's peak in a
-process of its own: ``python -m benchmarks.perf_child --model SPEC --task TASK --inputs JSON``
+process of its own: ``python -m perf.child --model SPEC --task TASK --inputs JSON``
 prints one JSON line with
 
 * ``max_rss_bytes``: the process's lifetime peak RSS (model load included),
@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.perf_work import (
+from perf.work import (
     Inputs,
     RssSampler,
     Unavailable,
@@ -105,11 +105,11 @@ def _task(spec: str, task: str, inputs: Inputs) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_child",
+    parser = argparse.ArgumentParser(prog="python -m perf.child",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--task", required=True)
-    parser.add_argument("--inputs", default="{}", help="JSON of benchmarks.perf_work.Inputs")
+    parser.add_argument("--inputs", default="{}", help="JSON of perf.work.Inputs")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     import torch
