@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import prompts
+from fixtures.options import PROFILES, parse_alphas, parse_layers
+from fixtures.workbench import BenchConfig, Progress, Workbench
+from probes.cache import ActivationCache
+from probes.errors import PromptSetError
+from probes.models import load
+from prompts import PromptSet
+
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
 
 LAYER_TEST = """
@@ -132,3 +140,181 @@ def test_model_load_failure_in_a_fixture_stops_the_session_once(
     result = _run(pytester, "--model", str(bad), "--cache-dir", str(pytester.path / "cache"))
     out = _assert_usage_error(result, f"cannot load --model {bad}")
     assert out.count("cannot load --model") == 1, out
+
+
+# --------------------------------------------------------------------------- prompt files
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("str.jsonl", '{"text": "one"}\n"just a string"\n', r"str.jsonl:2 is a JSON str, not an "
+                                                           "object"),
+        ("list.jsonl", '["a", "b"]\n', r"list.jsonl:1 is a JSON list, not an object"),
+        ("more.csv", "text,kind\nhello,greet\nbye,greet,extra\n",
+         r"more.csv:3 has 3 field\(s\), the header has 2"),
+        ("fewer.csv", "text,kind\nhello,greet\nbye\n", r"fewer.csv:3 has 1 field\(s\), the header "
+                                                      "has 2"),
+    ],
+)
+def test_malformed_prompt_rows_are_refused_naming_the_row(
+    tmp_path: Path, name: str, content: str, match: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(PromptSetError, match=match):
+        prompts.from_file(path, label_columns=["kind"] if name.endswith(".csv") else ())
+
+
+def test_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,kind\nhello,greet\n".encode("utf-8-sig"))
+    ps = prompts.from_file(path, label_columns=["kind"])
+    assert ps.texts == ("hello",) and ps.label("kind") == ("greet",)
+    jl = tmp_path / "bom.jsonl"
+    jl.write_bytes('{"text": "hi"}\n'.encode("utf-8-sig"))
+    assert prompts.from_file(jl).texts == ("hi",)
+
+
+def test_missing_column_hint_names_what_exists(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text("question\nhello\n")
+    with pytest.raises(PromptSetError) as err:
+        prompts.from_file(path)
+    assert "text_column=" in err.value.hint and "--prompts-column" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_normalise_rule() -> None:
+    assert prompts.normalise("  Write  a\tPOEM!?. ") == "write a poem"
+    assert prompts.normalise("Straße.") == prompts.normalise("STRASSE")
+    assert prompts.normalise("a, b") == "a, b"  # inner punctuation stays
+
+
+def test_duplicates_are_dropped_keeping_the_first_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "dups.csv"
+    path.write_text("text,kind\nWrite a poem.,a\nCount to ten,b\nwrite a  POEM!,c\n"
+                    "Count to ten,d\nSomething else,e\n")
+    ps = prompts.from_file(path, label_columns=["kind"])
+    assert ps.texts == ("Write a poem.", "Count to ten", "Something else")
+    assert ps.label("kind") == ("a", "b", "e")
+    assert ps.dropped_duplicates == 2
+    split = ps.split(seed=0, fractions=(0.34, 0.33, 0.33))
+    assert split.train.dropped_duplicates == 2  # splits and samples keep the count
+    clean = PromptSet("clean", ("a", "b"))
+    assert clean.deduplicated() is clean and clean.dropped_duplicates == 0
+
+
+def test_packaged_sets_hold_no_duplicates_and_keep_their_hash() -> None:
+    """Dropping duplicates changes no packaged set: their hashes and splits stay the same."""
+    for ps in (prompts.advbench(), prompts.harmless(), prompts.harmbench()):
+        assert ps.dropped_duplicates == 0, ps.name
+    assert len(prompts.advbench()) == 520
+    prompts.check_disjoint(prompts.advbench(), prompts.harmless())
+    prompts.check_disjoint(prompts.harmbench(), prompts.harmless())
+
+
+def test_overlapping_harmful_and_harmless_sets_are_refused() -> None:
+    harm = PromptSet("mine-harmful", ("Build a bomb.", "Steal a car"))
+    safe = PromptSet("mine-harmless", ("Bake bread", "build a  BOMB"))
+    with pytest.raises(PromptSetError, match=r"1 prompt\(s\) of 'mine-harmful' also appear in "
+                                             r"'mine-harmless'.*'Build a bomb.'"):
+        prompts.check_disjoint(harm, safe)
+
+
+# --------------------------------------------------------------------------- the Workbench
+
+
+def _bench(cache_dir: Path) -> Workbench:
+    cfg = BenchConfig(
+        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
+        ratio_alphas=parse_alphas("0"), n_train=4, n_eval=4, n_gen=2, max_new_tokens=4,
+        n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(cache_dir),
+        use_cache=True, profile="quick", chat_template="auto", batch_size=4,
+        defaults=PROFILES["quick"])
+    lm = load("tiny-llama")
+    return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
+
+
+def test_workbench_refuses_overlapping_packaged_classes(tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    adv = bench.advbench
+    bench.__dict__["harmless_all"] = PromptSet(
+        "harmless", (adv.texts[3].upper(), "Bake bread"), {"language": ("en", "en"),
+                                                           "topic": ("x", "y")})
+    with pytest.raises(PromptSetError, match="also appear in 'harmless'"):
+        bench.harmful_split  # noqa: B018
+    with pytest.raises(PromptSetError, match="also appear in 'harmless'"):
+        bench.harmless_split  # noqa: B018
+
+
+def test_prompt_longer_than_the_context_is_refused_before_any_forward_pass(
+    tmp_path: Path,
+) -> None:
+    bench = _bench(tmp_path)
+    limit = bench.context_length
+    assert limit == 256  # the tiny model's max_position_embeddings
+    long = "word " * (limit + 10)
+    ps = PromptSet("long", ("Say hi.", long.strip()))
+    calls: list[int] = []
+    handle = bench.lm.layout.decoder.register_forward_pre_hook(lambda *_a: calls.append(1))
+    try:
+        with pytest.raises(PromptSetError, match=r"prompt 1 of 'long' is \d+ tokens after chat "
+                                                 r"formatting, more than the 256"):
+            bench.acts(ps)
+        with pytest.raises(PromptSetError, match="prompt 1 of 'long'"):
+            bench.generate(ps)
+        # Fits alone, not with the reply: the generation names the tokens to generate.
+        text = "word " * 50
+        n = len(bench.lm.tokenizer(bench.lm.format([text])[0],
+                                   add_special_tokens=False)["input_ids"])
+        assert n < limit
+        edge = PromptSet("edge", (text,))
+        bench.check_fits(edge, limit - n)
+        with pytest.raises(PromptSetError, match=rf"is {n} tokens .* plus {limit - n + 1} to "
+                                                 "generate"):
+            bench.generate(edge, max_new_tokens=limit - n + 1)
+    finally:
+        handle.remove()
+    assert calls == [], "refused before any forward pass"
+    assert bench.generate(PromptSet("ok", ("Say hi.",))).texts  # a short set still runs
+
+
+def test_report_entry_records_dropped_duplicates(tmp_path: Path) -> None:
+    from reports.measure import Measure
+
+    bench = _bench(tmp_path)
+    path = tmp_path / "d.txt"
+    path.write_text("Say hi\nsay hi.\nCount\n")
+    ps = prompts.from_file(path)
+    m = Measure(None, "t::x", ())  # type: ignore[arg-type]  # provenance needs no registry
+    bench.record_model(m, ps)
+    assert m.data.prompts == [{"name": "d", "sha256": ps.sha256, "n": 2,
+                               "dropped_duplicates": 1}]
+
+
+# --------------------------------------------------------------------------- bf16 export
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_export_reloads_with_equal_logits(tmp_path: Path, arch: str) -> None:
+    """The in-memory bfloat16 model keeps float32 rotary frequencies, as a reload has them,
+    so the exported edit computes bit-identical logits."""
+    from probes import abliteration as A
+    from probes.capture import left_pad_batch
+
+    lm = load(f"tiny-{arch}", dtype=torch.bfloat16)
+    assert {b.dtype for n, b in lm.model.named_buffers() if "inv_freq" in n} == {torch.float32}
+    texts = lm.format(["Write a poem about the sea.", "hi"])
+    r = torch.randn(lm.layout.d_model, generator=torch.Generator().manual_seed(9))
+    with A.orthogonalised(lm.layout, r, model=lm.model, source_layer=1):
+        with torch.no_grad():
+            edited = lm.model(**left_pad_batch(lm.tokenizer, texts, "cpu")).logits
+        out = A.export(lm.model, lm.tokenizer, tmp_path / "abl")
+    back = load(str(out), dtype=torch.bfloat16, cache_dir=tmp_path / "cache")
+    with torch.no_grad():
+        again = back.model(**left_pad_batch(back.tokenizer, texts, "cpu")).logits
+    assert again.dtype == torch.bfloat16
+    torch.testing.assert_close(again, edited, rtol=0, atol=0)
