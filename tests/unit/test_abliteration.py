@@ -357,7 +357,13 @@ def test_norm_preservation_rescales_each_expert_separately() -> None:
 # --------------------------------------------------------------------------- export
 
 
-def test_export_round_trip_gives_equal_logits(tiny: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_export_round_trip_gives_equal_logits(tiny: LoadedModel, tmp_path: Path,
+                                              dtype: torch.dtype) -> None:
+    """Reloaded in the dtype it was exported in, the edited model computes the same logits
+    bit for bit (bfloat16: the rotary frequencies stay float32 in memory as on reload)."""
+    if dtype != tiny.dtype:
+        tiny = load(tiny.spec, dtype=dtype)
     r = _direction(tiny.layout.d_model, seed=9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", A.InexactOrthogonalisationWarning)
@@ -369,7 +375,7 @@ def test_export_round_trip_gives_equal_logits(tiny: LoadedModel, tmp_path: Path)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     meta = json.loads((out / A.EXPORT_METADATA_FILE).read_text())
     assert meta["refusalbench"]["edit"]["direction_sha256"] == info.direction_sha256
-    reloaded = load(str(out), cache_dir=tmp_path / "cache")
+    reloaded = load(str(out), cache_dir=tmp_path / "cache", dtype=dtype)
     torch.testing.assert_close(_logits(reloaded.model, _batch(reloaded)), edited, rtol=0,
                                atol=0)
 
