@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
@@ -67,11 +66,10 @@ from probes.geometry import (
 from probes.interventions import ablate_direction
 from probes.judges import refusal_logit_scores, refusal_token_ids
 from probes.layer_alignment import layer_alignment, record_cross_layer
-from probes.paths import atomic_write_bytes
 from probes.stats import holm
 from prompts import PromptSet
 
-SCORE_CACHE_VERSION = "1"
+SCORE_CACHE_VERSION = "2"  # 2: entries carry their key and a checksum
 # Seed 000 figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
 SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
         "most_linear_layer": 15, "mean_dimension_all_layers": 3.88, "cap_formula_3d": 2.89}
@@ -318,26 +316,23 @@ def refusal_scores(
     (like ``bench.generate``) by model, prompts, intervention key and refusal token set."""
     lm = bench.lm
     ids = refusal_token_ids(lm.tokenizer)
-    src = json.dumps({"v": SCORE_CACHE_VERSION, "fp": lm.fingerprint, "prompts": prompts.sha256,
-                      "iv": intervention_key, "dtype": str(lm.dtype), "chat": lm.chat.mode,
-                      "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]},
-                     sort_keys=True)
-    key = hashlib.sha256(src.encode()).hexdigest()[:32]
-    path = bench.cache.root.parent / "refusal_scores" / f"{key}.json"
-    if bench.cfg.use_cache and path.is_file():
-        try:
-            return np.asarray(json.loads(path.read_text(encoding="utf-8"))["scores"], float)
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"refusal score cache entry {path} is corrupt ({exc}); recomputing",
-                          stacklevel=2)
-    bench.progress(f"[scores] {lm.name} {prompts.name} {intervention_key}", force=True)
-    with (intervention or nullcontext)():
-        scores = refusal_logit_scores(lm.model, lm.tokenizer, lm.format(list(prompts.texts)),
-                                      batch_size=bench.cfg.batch_size, token_ids=ids)
-    if bench.cfg.use_cache:
-        payload = {"key": json.loads(src), "scores": scores.tolist()}
-        atomic_write_bytes(path, json.dumps(payload).encode())
-    return scores
+
+    def compute() -> dict[str, Any]:
+        bench.progress(f"[scores] {lm.name} {prompts.name} {intervention_key}", force=True)
+        with (intervention or nullcontext)():
+            scores = refusal_logit_scores(lm.model, lm.tokenizer,
+                                          lm.format(list(prompts.texts)),
+                                          batch_size=bench.cfg.batch_size, token_ids=ids)
+        return {"scores": scores.tolist()}
+
+    def fits(payload: dict[str, Any]) -> None:
+        if len(payload["scores"]) != len(prompts):
+            raise ValueError(f"{len(payload['scores'])} scores for {len(prompts)} prompts")
+
+    key = {"v": SCORE_CACHE_VERSION, "prompts": prompts.sha256, "iv": intervention_key,
+           "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}
+    data = bench.cached_json("refusal_scores", "scores", key, compute, fits)
+    return np.asarray(data["scores"], float)
 
 
 @pytest.mark.claim("CONE-CAUSAL")

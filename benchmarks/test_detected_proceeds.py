@@ -35,7 +35,7 @@ import json
 import math
 import time
 import warnings
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ import pytest
 import torch
 
 from fixtures.workbench import Workbench
+from probes.cache import read_json_entry, write_json_entry
 from probes.detected_proceeds import (
     DECISION_ALPHA,
     MONITOR_DEPTH,
@@ -51,7 +52,7 @@ from probes.detected_proceeds import (
     WINDOW,
     Part,
     Study,
-    read_trajectory_part,
+    check_trajectory_part,
     record_examples,
     record_group_means,
     skip_reason,
@@ -67,7 +68,6 @@ from probes.geometry import (
 from probes.judges import refusal_judge
 from probes.layer_alignment import layer_alignment, record_cross_layer
 from probes.monitoring import TokenMonitor, Trajectory, window_mean
-from probes.paths import atomic_write_bytes
 from probes.stats import (
     auc_interval,
     bootstrap_ci,
@@ -78,7 +78,7 @@ from probes.stats import (
 )
 from prompts import PromptSet
 
-TRAJECTORY_CACHE_VERSION = "1"
+TRAJECTORY_CACHE_VERSION = "2"  # 2: entries carry their key and a checksum
 N_EXAMPLE_TEXTS = 8
 
 
@@ -101,21 +101,24 @@ def _harmful_parts(bench: Workbench) -> list[tuple[str, PromptSet]]:
     return parts
 
 
-def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_new: int) -> str:
-    src = json.dumps({"v": TRAJECTORY_CACHE_VERSION, "fp": bench.lm.fingerprint,
-                      "prompts": prompts.sha256, "n": n_new, "site": SITE, "layers": layers,
-                      "directions": bench.refusal_directions.key(), "dtype": str(bench.lm.dtype),
-                      "chat": bench.lm.chat.mode}, sort_keys=True)
-    return hashlib.sha256(src.encode()).hexdigest()[:32]
+def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_new: int
+                    ) -> dict[str, Any]:
+    return {"v": TRAJECTORY_CACHE_VERSION, "fp": bench.lm.fingerprint,
+            "prompts": prompts.sha256, "n": n_new, "site": SITE, "layers": layers,
+            "directions": bench.refusal_directions.key(), "dtype": str(bench.lm.dtype),
+            "chat": bench.lm.chat.mode}
 
 
 def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: list[int]) -> Part:
     """Replies and trajectories of one prompt set: from the cache, else generated under the
     monitor (through ``bench.generate`` with key "none", so the replies are shared)."""
     n_new = bench.cfg.max_new_tokens
-    path = (bench.cache.root.parent / "trajectories"
-            / f"{_trajectory_key(bench, prompts, layers, n_new)}.json")
-    data = read_trajectory_part(path, layers) if bench.cfg.use_cache else None
+    key = _trajectory_key(bench, prompts, layers, n_new)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = bench.cache.root.parent / "trajectories" / f"{digest}.json"
+    data = (read_json_entry(path, key, partial(check_trajectory_part, layers, len(prompts)),
+                            bench.cache.stats)
+            if bench.cfg.use_cache else None)
     cached = data is not None
     if data is None:
         unit = bench.refusal_directions.unit
@@ -140,7 +143,7 @@ def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: li
                 "rows": [{"ids": list(t.token_ids), "proj": t.projections.tolist()}
                          for t in trajs]}
         if bench.cfg.use_cache:
-            atomic_write_bytes(path, json.dumps(data).encode())
+            write_json_entry(path, key, data)
     trajectories = [Trajectory(i, tuple(layers), tuple(r["ids"]),
                                np.asarray(r["proj"], dtype=np.float64).reshape(-1, len(layers)))
                     for i, r in enumerate(data["rows"])]

@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,20 +82,14 @@ class Study:
         return self.layers.index(layer)
 
 
-def read_trajectory_part(path: Any, layers: list[int]) -> dict[str, Any] | None:
-    """A cached part for ``layers``, or None (missing, other layers, or corrupt: removed)."""
-    if not path.is_file():
-        return None
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        if data["layers"] != layers:
-            return None
-        return data
-    except (OSError, ValueError, KeyError) as exc:
-        warnings.warn(f"trajectory cache entry {path} is corrupt ({exc}); recomputing",
-                      stacklevel=2)
-        path.unlink(missing_ok=True)
-        return None
+def check_trajectory_part(layers: list[int], n_prompts: int, data: dict[str, Any]) -> None:
+    """Raise ValueError unless a cached trajectory part covers ``layers`` and ``n_prompts``
+    prompts with one reply, token count and trajectory each."""
+    if data["layers"] != layers:
+        raise ValueError(f"layers {data['layers']}, expected {layers}")
+    sizes = {len(data["texts"]), len(data["new_tokens"]), len(data["rows"])}
+    if sizes != {n_prompts}:
+        raise ValueError(f"replies/tokens/trajectories {sorted(sizes)} for {n_prompts} prompts")
 
 
 def skip_reason(st: Study) -> str | None:

@@ -18,6 +18,7 @@ from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import BenchConfig, Progress, Workbench
 from probes.cache import ActivationCache, CacheKey, write_json_entry
 from probes.capture import Activations
+from probes.detected_proceeds import check_trajectory_part
 from probes.models import LoadedModel, canonical_spec, load
 from probes.tiny import tiny_model
 
@@ -402,3 +403,42 @@ def test_cached_json_entry_of_another_key_is_recomputed(
     with pytest.warns(UserWarning, match="another key"):
         got = again.cached_json("abliteration", "kl", {"edit": "e1"}, lambda: {"kl": 0.75})
     assert got == {"kl": 0.75} and again.cache.stats.mismatched == 1
+
+
+def test_cached_json_entry_short_of_prompts_is_recomputed(
+    tiny64: LoadedModel, tmp_path: Path
+) -> None:
+    """A well-formed entry (right key, valid checksum) with fewer scores than prompts, as
+    an older writer could leave, is rejected by the caller's check and recomputed."""
+    bench = _bench(tiny64, tmp_path)
+    runs: list[int] = []
+
+    def compute() -> dict[str, Any]:
+        runs.append(1)
+        return {"scores": [0.1, 0.2, 0.3]}
+
+    def fits(payload: dict[str, Any]) -> None:
+        if len(payload["scores"]) != 3:
+            raise ValueError(f"{len(payload['scores'])} scores for 3 prompts")
+
+    bench.cached_json("refusal_scores", "scores", {"p": "x"}, compute, fits)
+    path = _only_entry(tmp_path / "acts" / "refusal_scores")
+    stored = json.loads(path.read_text())
+    write_json_entry(path, stored["key"], {"scores": [0.1, 0.2]})
+    again = _bench(tiny64, tmp_path)
+    with pytest.warns(UserWarning, match="does not fit its key: 2 scores for 3 prompts"):
+        got = again.cached_json("refusal_scores", "scores", {"p": "x"}, compute, fits)
+    assert got == {"scores": [0.1, 0.2, 0.3]} and len(runs) == 2
+    assert again.cache.stats.mismatched == 1
+
+
+def test_trajectory_part_must_cover_its_layers_and_prompts() -> None:
+    part = {"layers": [1, 2], "texts": ["a", "b"], "new_tokens": [3, 4],
+            "rows": [{"ids": [1], "proj": [0.0, 0.0]}] * 2}
+    check_trajectory_part([1, 2], 2, part)  # fits: no error
+    with pytest.raises(ValueError, match="layers"):
+        check_trajectory_part([1, 3], 2, part)
+    with pytest.raises(ValueError, match="for 3 prompts"):
+        check_trajectory_part([1, 2], 3, part)
+    with pytest.raises(ValueError, match="for 2 prompts"):
+        check_trajectory_part([1, 2], 2, {**part, "rows": part["rows"][:1]})
