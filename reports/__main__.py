@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("old", type=Path, help="baseline report (JSON)")
     cmp.add_argument("new", type=Path, help="current report (JSON)")
     cmp.add_argument("--all", action="store_true", help="also list unchanged results")
+    cmp.add_argument(
+        "--allow-model-change", action="store_true",
+        help="NEW is of another model or new weights on purpose (a candidate version against "
+        "the baseline of the version it replaces): one model per report, results matched by "
+        "test and claim",
+    )
     render = commands.add_parser("render", help="build one HTML page from JSON reports")
     render.add_argument("reports", type=Path, nargs="+", help="JSON reports to merge")
     render.add_argument(
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "compare":
-            return _compare(args.old, args.new, show_same=args.all)
+            return _compare(args.old, args.new, show_same=args.all,
+                            model_change=args.allow_model_change)
         return _render(args.reports, args.output, args.title)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -67,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-def _compare(old_path: Path, new_path: Path, show_same: bool) -> int:
+def _compare(old_path: Path, new_path: Path, show_same: bool, model_change: bool = False
+             ) -> int:
     old, new = load_report(old_path), load_report(new_path)
-    comparison = compare(old, new, f"the baseline {old_path}", f"the current report {new_path}")
+    comparison = compare(old, new, f"the baseline {old_path}", f"the current report {new_path}",
+                         model_change=model_change)
     print(f"baseline: {old_path}\ncurrent:  {new_path}")
     print(comparison.format(show_same=show_same))
     return _exit_status(comparison)

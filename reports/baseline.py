@@ -16,6 +16,7 @@ dtype, prompt sets, registry and run options are printed as notes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -157,11 +158,14 @@ def compare(
     new: dict[str, Any],
     old_name: str = "the baseline",
     new_name: str = "this run",
+    model_change: bool = False,
 ) -> Comparison:
     """Compare two validated report documents (baseline first).
 
     Reports that cannot be compared come back with ``refusals`` and no rows; the names
-    label the two sides in those messages.
+    label the two sides in those messages. ``model_change`` gates a new model (or new
+    weights) against the baseline of the one it replaces: each report must hold exactly one
+    model, and rows are matched by test and claim with the model's name and test id mapped.
     """
     result = Comparison()
     result.fingerprint_changes = _fingerprint_changes(old, new)
@@ -170,10 +174,16 @@ def compare(
         + _option_notes(old, new) + _model_notes(old, new, old_name, new_name)
     )
     result.refusals = incomplete_reasons(old, old_name) + incomplete_reasons(new, new_name)
-    result.refusals += _no_shared_model(old, new, old_name, new_name)
+    rename: Callable[[str, str], tuple[str, str]] | None = None
+    if model_change:
+        rename, problems, note = _model_change(old, new, old_name, new_name)
+        result.refusals += problems
+        result.notes += note
+    else:
+        result.refusals += _no_shared_model(old, new, old_name, new_name)
     if result.refusals:
         return result
-    old_checks = _index(old)
+    old_checks = _index(old, rename)
     new_checks = _index(new)
     new_outcomes = {test["nodeid"]: test["outcome"] for test in new["tests"]}
     for key in sorted(set(old_checks) | set(new_checks)):
@@ -228,8 +238,9 @@ def _no_shared_model(
     return [
         f"{old_name} and {new_name} share no model fingerprint (baseline: "
         f"{_describe_models(before)}; current: {_describe_models(after)}). Compare reports of "
-        "the same model, or, if the model changed on purpose, accept this run as the new "
-        "baseline (pytest --baseline PATH --update-baseline)"
+        "the same model; to gate a new version of a model against the baseline of the one it "
+        "replaces, add --allow-model-change; to make this run the new baseline, use pytest "
+        "--baseline PATH --update-baseline"
     ]
 
 
@@ -312,12 +323,52 @@ def _compare_one(
     return row("same", False, "")
 
 
-def _index(doc: dict[str, Any]) -> dict[Key, dict[str, Any]]:
+def _index(
+    doc: dict[str, Any], rename: Callable[[str, str], tuple[str, str]] | None = None
+) -> dict[Key, dict[str, Any]]:
+    """Checks by (model, nodeid, hypothesis, label); ``rename`` maps (model, nodeid) first."""
     index: dict[Key, dict[str, Any]] = {}
     for test, check in all_checks(doc):
-        key = (check["model"] or "", test["nodeid"], check["hypothesis"], check["label"])
-        index[key] = check
+        model, nodeid = check["model"] or "", test["nodeid"]
+        if rename is not None:
+            model, nodeid = rename(model, nodeid)
+        index[(model, nodeid, check["hypothesis"], check["label"])] = check
     return index
+
+
+def _model_change(
+    old: dict[str, Any], new: dict[str, Any], old_name: str, new_name: str
+) -> tuple[Callable[[str, str], tuple[str, str]], list[str], list[str]]:
+    """How to read the baseline's rows as rows of the new model: (rename, refusals, notes).
+
+    Only one model against one model can be matched: with several, which replaces which
+    is unknown. Node ids carry the model's test id (``[default-L07]``); it is mapped when
+    both reports record it.
+    """
+    sides = [(name, doc["provenance"]["models"]) for name, doc in
+             ((old_name, old), (new_name, new))]
+    problems = [
+        f"--allow-model-change compares one model with one model, but {name} holds "
+        f"{len({m['fingerprint'] for m in models})}; split the run into one report per model"
+        for name, models in sides if len({m["fingerprint"] for m in models}) != 1
+    ]
+    if problems:
+        return (lambda model, nodeid: (model, nodeid)), problems, []
+    (before, *_), (after, *_) = (models for _, models in sides)
+    old_id, new_id = (str(m["info"].get("test_id") or "") for m in (before, after))
+    note = (f"model changed on purpose: baseline {before['name']} "
+            f"({before['fingerprint'][:12]}), current {after['name']} "
+            f"({after['fingerprint'][:12]}); rows matched by test and claim")
+    if not (old_id and new_id):
+        note += " (test ids not recorded: node ids compared as they are)"
+    pattern = re.compile(r"\[" + re.escape(old_id) + r"(?=[-\]])") if old_id else None
+
+    def rename(model: str, nodeid: str) -> tuple[str, str]:
+        if pattern is not None and new_id:
+            nodeid = pattern.sub(lambda _m: "[" + new_id, nodeid, count=1)
+        return (after["name"] if model == before["name"] else model), nodeid
+
+    return rename, [], [note]
 
 
 def _tolerance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:

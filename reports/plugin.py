@@ -66,6 +66,7 @@ class Settings:
     report_html: Path | None
     baseline: Path | None
     update_baseline: bool
+    model_change: bool = False
 
 
 @dataclass
@@ -148,6 +149,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="write this run's report to the --baseline path (the only way a baseline changes)",
     )
+    group.addoption(
+        "--allow-model-change",
+        action="store_true",
+        default=False,
+        help="with --baseline: this run is of another model or new weights on purpose (a "
+        "candidate version gated against the baseline of the version it replaces); each "
+        "report must hold one model, and results are matched by test and claim",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -212,6 +221,10 @@ def _settings(config: pytest.Config) -> Settings:
     update = bool(config.getoption("update_baseline"))
     if update and baseline is None:
         raise pytest.UsageError("--update-baseline needs --baseline PATH (the file to write)")
+    model_change = bool(config.getoption("allow_model_change"))
+    if model_change and baseline is None:
+        raise pytest.UsageError("--allow-model-change needs --baseline PATH (the report of the "
+                                "model this run replaces)")
     if baseline is not None:
         if update:
             _check_writable("--baseline", baseline)
@@ -227,6 +240,7 @@ def _settings(config: pytest.Config) -> Settings:
         report_html=report_html,
         baseline=baseline,
         update_baseline=update,
+        model_change=model_change,
     )
 
 
@@ -503,7 +517,8 @@ class _Controller:
         doc = self._document(complete=complete, exit_status=int(session.exitstatus))
         if state.baseline_doc is not None and settings.baseline is not None:
             state.comparison = compare(
-                state.baseline_doc, doc, f"the baseline {settings.baseline}", "this run"
+                state.baseline_doc, doc, f"the baseline {settings.baseline}", "this run",
+                model_change=settings.model_change,
             )
             doc["baseline"] = state.comparison.as_json(str(settings.baseline))
             if (

@@ -359,3 +359,58 @@ def test_render_refuses_a_missing_output_directory(project: pytest.Pytester) -> 
     assert "create it first" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (project.path / "some").exists()
+
+
+# -- a new model version gated on purpose against its predecessor's baseline --------------------
+
+# Model-parametrised like the experiments: the node id carries the model's test id.
+PARAM_SUITE = """
+    import json
+    import pytest
+
+    S = json.load(open("state.json"))
+
+    @pytest.mark.claim("GT-HALF")
+    @pytest.mark.parametrize("model", [S["model"]], ids=[S["model"] + "-L03"])
+    def test_effect(measure, model):
+        measure.model(model, "fp-" + model, dtype="torch.float32", test_id=model)
+        measure.prompts("harmful", "a" * 64, 2)
+        measure.check("GT-HALF", S["effect"], ci=(S["effect"] - 0.2, S["effect"] + 0.2))
+"""
+
+
+def test_allow_model_change_matches_rows_of_the_new_model(project: pytest.Pytester) -> None:
+    (project.path / "test_exp.py").write_text(textwrap.dedent(PARAM_SUITE), encoding="utf-8")
+    old = make_report(project, "v1.json", model="cand-v1")
+    same = make_report(project, "v2.json", model="cand-v2")
+    worse = make_report(project, "v2-worse.json", model="cand-v2", effect=0.3)
+
+    refused = run_cli("compare", old, same, cwd=project.path)
+    assert refused.returncode == 3 and "--allow-model-change" in refused.stderr
+
+    ok = run_cli("compare", old, same, "--allow-model-change", cwd=project.path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "model changed on purpose: baseline cand-v1" in ok.stdout
+    assert "0 regression(s)" in ok.stdout and "1 unchanged result(s)" in ok.stdout
+
+    flipped = run_cli("compare", old, worse, "--allow-model-change", cwd=project.path)
+    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
+    assert "REGRESSION flip" in flipped.stdout and "test_effect[cand-v2-L03]" in flipped.stdout
+
+    set_state(project.path, model="cand-v2", effect=0.3)
+    gated = run(project, "--baseline=v1.json", "--allow-model-change", "--no-report")
+    assert gated.ret == pytest.ExitCode.TESTS_FAILED
+    assert "REGRESSION" in gated.stdout.str()
+
+
+def test_allow_model_change_refuses_reports_of_several_models(project: pytest.Pytester) -> None:
+    old = make_report(project, "a.json", model="tiny-a")
+    both = edit_report(old, project.path / "two.json", lambda doc: doc["provenance"][
+        "models"].append({**doc["provenance"]["models"][0], "name": "x", "fingerprint": "fp-x"}))
+    new = make_report(project, "b.json", model="tiny-b")
+    done = run_cli("compare", both, new, "--allow-model-change", cwd=project.path)
+    assert done.returncode == 3
+    assert "compares one model with one model" in done.stderr and "holds 2" in done.stderr
+    usage = run(project, "--allow-model-change", "--no-report")
+    assert usage.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--allow-model-change needs --baseline" in usage.stderr.str()
