@@ -134,6 +134,9 @@ class _RowReader:
         return PromptSetError(f"{self.path}:{line}: {message}", hint)
 
     def pair(self, line: int, row: Mapping[str, Any]) -> _Pair:
+        if "harmful" in row and "advbench_index" in row:
+            raise self.fail(line, "the row has both 'harmful' and 'advbench_index'",
+                            "give the harmful text or its AdvBench index, not both")
         if "harmful" in row:
             harmful = self.text(line, row, "harmful")
             category = row.get("category")
