@@ -2,6 +2,7 @@
 
     python -m reports compare OLD.json NEW.json      # diff table; exit 1 on regressions
     python -m reports render A.json [B.json ...] -o OUT.html
+    python -m reports verdicts BEFORE.json AFTER.json   # same verdicts? exit 1 if not
 
 Exit status:
   0  success (no regressions)
@@ -52,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         "the baseline of the version it replaces): one model per report, results matched by "
         "test and claim",
     )
+    ver = commands.add_parser(
+        "verdicts",
+        help="same verdicts in two runs? (for changes that should not move results)",
+        description="Exit 0 when every verdict is the same (flips where the interval straddles "
+        "the threshold in both runs excepted) and no interval widened by more than "
+        "--max-widen; 1 otherwise; 2 bad input.",
+    )
+    ver.add_argument("old", type=Path, help="report before the change (JSON)")
+    ver.add_argument("new", type=Path, help="report after the change (JSON)")
+    ver.add_argument("--max-widen", type=float, default=0.10,
+                     help="largest accepted relative growth of an interval (default 0.10)")
+    ver.add_argument("--all", action="store_true", help="also list unchanged checks")
     render = commands.add_parser("render", help="build one HTML page from JSON reports")
     render.add_argument("reports", type=Path, nargs="+", help="JSON reports to merge")
     render.add_argument(
@@ -62,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "verdicts":
+            return _verdicts(args.old, args.new, args.max_widen, args.all)
         if args.command == "compare":
             return _compare(args.old, args.new, show_same=args.all,
                             model_change=args.allow_model_change)
@@ -82,6 +97,15 @@ def _compare(old_path: Path, new_path: Path, show_same: bool, model_change: bool
     print(f"baseline: {old_path}\ncurrent:  {new_path}")
     print(comparison.format(show_same=show_same))
     return _exit_status(comparison)
+
+
+def _verdicts(old_path: Path, new_path: Path, max_widen: float, show_same: bool) -> int:
+    from reports.verdicts import compare_verdicts, failed, format_rows
+
+    rows = compare_verdicts(load_report(old_path), load_report(new_path), max_widen)
+    print(f"before: {old_path}\nafter:  {new_path}")
+    print(format_rows(rows, show_same))
+    return EXIT_REGRESSIONS if failed(rows) else EXIT_OK
 
 
 def _exit_status(comparison: Comparison) -> int:
