@@ -24,6 +24,7 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 DEFAULT_OUTPUT = Path("docs/experiments")
 FINGERPRINT_CHARS = 12
+WHY_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,23 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _check_row(check: dict[str, Any]) -> str:
+def _param_id(nodeid: str) -> str:
+    """``...::test_x[default-L03]`` -> ``default-L03`` (empty when not parametrised)."""
+    name = nodeid.rpartition("::")[2]
+    return name[name.find("[") + 1 : -1] if name.endswith("]") and "[" in name else ""
+
+
+def _why(check: dict[str, Any]) -> str:
+    """The reason of a skipped or errored check, short enough for a table cell."""
+    why = str(check["detail"] or check["reason"] or "")
+    return why if len(why) <= WHY_CHARS else why[: WHY_CHARS - 3] + "..."
+
+
+def _check_row(test: dict[str, Any], check: dict[str, Any]) -> str:
     hypothesis = f"{check['hypothesis']} v{check['hypothesis_version']}"
     value = format_value(check["value"], None, check["value_flag"])
-    if check["verdict"] == "skipped":
-        value = "-"
+    if check["verdict"] in ("skipped", "error"):
+        value = f"{value if check['verdict'] == 'error' else '-'} ({_why(check)})"
     interval = "-"
     if check["ci"] is not None:
         lo, hi = (f"{v:.4g}" if v is not None else "null" for v in check["ci"])
@@ -81,7 +94,7 @@ def _check_row(check: dict[str, Any]) -> str:
         verdict = f"**{verdict}**"
     cells = [
         hypothesis,
-        check["label"] or "-",
+        check["label"] or _param_id(test["nodeid"]) or "-",
         check["model"] or "-",
         verdict,
         value,
@@ -108,7 +121,7 @@ def _provenance_lines(doc: dict[str, Any], tests: list[dict[str, Any]]) -> list[
     lines = []
     for model in _models(tests):
         info = model["info"]
-        dtype = info.get("dtype", options.get("dtype", "?"))
+        dtype = str(info.get("dtype", options.get("dtype", "?"))).removeprefix("torch.")
         profile = info.get("profile", options.get("profile", "?"))
         fingerprint = model["fingerprint"][:FINGERPRINT_CHARS]
         lines.append(
@@ -141,7 +154,7 @@ def results_section(doc: dict[str, Any], tests: list[dict[str, Any]], source: st
         lines += [
             "| hypothesis | label | model | verdict | value | interval | claim (bound) | n |",
             "|---|---|---|---|---|---|---|---|",
-            *(_check_row(c) for c in checks),
+            *(_check_row(t, c) for t in tests for c in t["checks"]),
             "",
         ]
     lines.append(END)

@@ -19,13 +19,15 @@ SUITE = """
 
     @pytest.mark.claim("GT-HALF", "LT-POINT")
     def test_effect(measure):
-        measure.model("tiny-a", "0123456789abcdef0123", dtype="float32", profile="quick")
+        measure.model("tiny-a", "0123456789abcdef0123", dtype="torch.float32", profile="quick")
         measure.check("GT-HALF", 0.9, ci=(0.7, 1.1), n=40, label="layer 1", hard=False)
         measure.check("GT-HALF", 0.4, ci=(0.2, 0.6), n=40, label="layer 2", hard=False)
         measure.check("LT-POINT", 0.01, n=12)
+        measure.check("LT-POINT", float("nan"), label="layer 0", detail="no direction", hard=False)
 
     @pytest.mark.claim("BETWEEN")
-    def test_chance(measure):
+    @pytest.mark.parametrize("layer", [0])
+    def test_chance(measure, layer):
         measure.model("tiny-a", "0123456789abcdef0123", dtype="float32", profile="quick")
         measure.skip("BETWEEN", "model refused 0 of 8 prompts")
 """
@@ -65,13 +67,15 @@ def test_creates_a_page_with_every_check_and_the_provenance(
     assert page.count(BEGIN) == 1 and page.count(END) == 1
     assert "fingerprint `0123456789ab`" in page and "0123456789abcdef" not in page
     assert "dtype float32, profile quick, run of 20" in page
-    assert "verdicts: 2 pass, 1 fail, 1 skipped" in page
+    assert "verdicts: 2 pass, 1 fail, 1 skipped, 1 error" in page
+    assert "| LT-POINT v1 | layer 0 | tiny-a | **error** | nan (no direction) | - |" in page
     row = "| GT-HALF v2 | layer {} | tiny-a | {} | {} | [{}] | > 0.5 (lower) | 40 |"
     assert row.format(1, "pass", 0.9, "0.7, 1.1") in page
     assert row.format(2, "**fail**", 0.4, "0.2, 0.6") in page
     assert "| LT-POINT v1 | - | tiny-a | pass | 0.01 | - | < 0.1 (point) | 12 |" in page
-    assert "| BETWEEN v1 | - | tiny-a | skipped | - | - | in [0.35, 0.65] (interval) | - |" in page
-    assert f"created {out / 'exp.md'} (4 hypothesis check(s))" in capsys.readouterr().out
+    skipped = "| BETWEEN v1 | 0 | tiny-a | skipped | - (model refused 0 of 8 prompts) | - |"
+    assert skipped + " in [0.35, 0.65] (interval) | - |" in page
+    assert f"created {out / 'exp.md'} (5 hypothesis check(s))" in capsys.readouterr().out
 
 
 def test_rewrites_only_the_generated_section(report: Path, tmp_path: Path) -> None:
