@@ -1,4 +1,4 @@
-"""Refusal geometry (seed 000, experiment 1): concept cones of harm categories, per layer.
+"""Refusal geometry (OBLITERATUS report, experiment 1): concept cones of harm categories, per layer.
 
 Per AdvBench harm category c (label ``category``, the first/main harm category) the
 direction d_c = unit(mu_H,c - mu_B) is fitted at ``resid_pre``/last token, at every layer.
@@ -60,7 +60,7 @@ from probes.paths import atomic_write_bytes
 from probes.stats import Estimate, holm, percentile_interval
 from prompts import PromptSet
 
-# Prompts per category for fitting d_c, by profile (issue 7: balanced, >= 15 each).
+# Prompts per category for fitting d_c, by profile (balanced, >= 15 each).
 N_PER_CATEGORY = {"quick": 16, "full": 24}
 MIN_CATEGORIES = 4
 # Permutation replicates: enough that a Holm-adjusted p over 24+ layers can reach 0.05
@@ -68,7 +68,7 @@ MIN_CATEGORIES = 4
 N_PERM = 999
 # Held-out prompts per category for the causal check (test split), by profile.
 N_CAUSAL = {"quick": 4, "full": 8}
-# Layer whose d_c is ablated in the causal check: the middle of the network (seed 000
+# Layer whose d_c is ablated in the causal check: the middle of the network (OBLITERATUS report
 # steered layers 8-15 of 24; refusal directions from mid-depth ablate best, Arditi et al.).
 CAUSAL_LAYER_FRACTION = 0.5
 SCORE_CACHE_VERSION = "1"
@@ -276,7 +276,7 @@ def test_cone_depth_profile(bench: Workbench, measure: Any) -> None:
 
     _record_depth_plots(measure, layers, stats, nulls, data.p_holm)
     _record_representative_layers(measure, stats, layers)
-    measure.table("seed_comparison", ["quantity", "seed 000 (Qwen2.5-0.5B, 4 cat. x 3-9)",
+    measure.table("seed_comparison", ["quantity", "OBLITERATUS report (Qwen2.5-0.5B, 4 cat. x 3-9)",
                                       f"this model ({k} cat. x {int(stats[0].counts.min())})"],
                   [["most polyhedral layer", SEED["most_polyhedral_layer"],
                     most_polyhedral_layer(stats)],

@@ -1,5 +1,5 @@
-"""Steering dose-response, ED50 fits and the therapeutic index TI-S (seed 000, experiment 2),
-with seed 002's perturbation ratio and multi-layer comparison.
+"""Steering dose-response, ED50 fits and the therapeutic index TI-S (OBLITERATUS report, exp. 2),
+with the trait-vector log's perturbation ratio and multi-layer comparison.
 
 Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
 
@@ -11,9 +11,9 @@ Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
     the middle third of the model (blocks 8-15 of 24, the seed's "layers 8-15"), grid
     ``--alphas`` (full profile -2:2:0.25);
   - **ratio**: v = r̂_l * mean ||h_l|| at ONE block, the centre of the middle third (12 of
-    24), grid ``--ratio-alphas``. Alpha is then seed 002's perturbation ratio
+    24), grid ``--ratio-alphas``. Alpha is then the trait-vector log's perturbation ratio
     ||alpha v|| / ||h||, defined there for a vector added at one layer; spreading the same
-    ratio over eight blocks would add eight such vectors and compare nothing with seed 002.
+    ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
 * Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most
@@ -35,7 +35,7 @@ Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
   (both doses from the GLM) or by interval arithmetic (otherwise); or the reason it cannot
   be computed. Therapeutic window per side: doses where the intended effect is past 50 %
   and degeneracy below 50 % (empty is a finding).
-* Multi-layer vs single-layer (seed 002: L6-10 beat L8 by 1.5 points) at equal total
+* Multi-layer vs single-layer (trait-vector log: L6-10 beat L8 by 1.5 points) at equal total
   perturbation sum_l ||alpha_l v_l||: the single block c of the ratio sweep at total ratio
   T against the five blocks c-2..c+2 at T/5 each (rescaled so that the totals are equal
   exactly), pooled over T in [0.5, 1.5].
@@ -72,7 +72,7 @@ Units = Literal["raw", "ratio"]
 Side = Literal["negative", "positive"]
 SIDES: tuple[Side, ...] = ("negative", "positive")
 CONF = 0.95
-MULTI_WIDTH = 5  # blocks in the multi-layer arm (seed 002: L6-10)
+MULTI_WIDTH = 5  # blocks in the multi-layer arm (trait-vector log: L6-10)
 MULTI_TOTALS = (0.5, 1.5)  # range of total perturbation ratios pooled in the comparison
 SAMPLE_PROMPTS = 2  # replies shown per class and alpha in the report
 SAMPLE_CHARS = 300

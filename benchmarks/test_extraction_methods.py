@@ -1,4 +1,4 @@
-"""Extraction methods compared per layer on held-out prompts (seed 002).
+"""Extraction methods compared per layer on held-out prompts (the trait-vector log's comparison).
 
 mean_diff, probe, gradient, pca_diff and random (SCIENCE.md, "Extraction methods") are
 fitted per layer on the train split (AdvBench vs English harmless, resid_pre, last token)
@@ -179,7 +179,7 @@ def test_methods_summary(bench: Workbench, measure: Any) -> None:
         measure.metric(f"{m}/mean_auc", float(np.mean([e.auc for e in r.evals])), n=c.n_test)
         measure.metric(f"{m}/layers_accuracy_below_60pct", low_acc, n=k)
     measure.table(
-        "extraction methods on held-out prompts beside seed 002 (Gemma-2-2B-IT, 234 trait x "
+        "extraction methods on held-out prompts beside the trait log (Gemma-2-2B-IT, 234 trait x "
         "layer combinations; the seed's effect size looks like |d|: random's is 0.79)",
         ["method", "polarity failures", "polarity failures %", "seed %", "mean accuracy %",
          "seed accuracy %", "mean d", "mean |d|", "seed effect size", "accuracy < 60 %",
@@ -213,7 +213,7 @@ def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
     measure.metric("probe_polarity_failures", fails, n=k)
     measure.check("PROBE-NO-POLARITY-FAIL", fails / k, ci=wilson_interval(fails, k), n=k,
                   detail=f"inverted at layers {bad or 'none'} of {_excluded_note(c)}; "
-                  f"seed 002: probe 0/234")
+                  f"trait-vector log: probe 0/234")
 
 
 @pytest.mark.claim("PROBE-BEATS-MEANDIFF")
@@ -231,7 +231,7 @@ def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
     measure.check("PROBE-BEATS-MEANDIFF", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"probe {probe.accuracy.mean():.3f} vs mean_diff {md.accuracy.mean():.3f}"
                   f" mean accuracy over {_excluded_note(c)}; probe better at {better}, worse at "
-                  f"{worse} layers; seed 002: 85.9 % vs 65.7 %")
+                  f"{worse} layers; trait-vector log: 85.9 % vs 65.7 %")
 
 
 @pytest.mark.claim("RANDOM-NEAR-CHANCE")
@@ -247,7 +247,7 @@ def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
     measure.check("RANDOM-NEAR-CHANCE", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"one seeded Gaussian direction per layer, mean accuracy over "
                   f"{_excluded_note(c)}; per-layer range {r.accuracy.min():.2f}-"
-                  f"{r.accuracy.max():.2f}; seed 002: 46.5 %")
+                  f"{r.accuracy.max():.2f}; trait-vector log: 46.5 %")
 
 
 @pytest.mark.claim("METHOD-BEATS-RANDOM")
@@ -259,5 +259,5 @@ def test_method_beats_random(bench: Workbench, method: Method, measure: Any) -> 
     measure.metric("method_minus_random_accuracy", est.value, ci=(est.lo, est.hi), n=est.n)
     measure.check("METHOD-BEATS-RANDOM", est.value, ci=(est.lo, est.hi), n=est.n, label=method,
                   detail=f"{method} {r.accuracy.mean():.3f} vs random {rand.accuracy.mean():.3f}"
-                  f" mean accuracy over {_excluded_note(c)}; seed 002: "
+                  f" mean accuracy over {_excluded_note(c)}; trait-vector log: "
                   f"{SEED002[method][1]:.1f} % vs 46.5 %")

@@ -607,7 +607,7 @@ def max_auc_layers(scores: Sequence[LayerAUC]) -> list[int]:
 
 def select_by_auc(scores: Sequence[LayerAUC], tie_break: Mapping[int, float] | None = None
                   ) -> int:
-    """The layer with the largest held-out AUC (seed 001).
+    """The layer with the largest held-out AUC (the abliteration plan's choice).
 
     Exact ties (AUC = 1.0 at several layers is common) are broken by the lowest
     ``tie_break`` value, meant to be the bypass score (mean refusal logit score of harmful
@@ -781,7 +781,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=_parse_layer, default=None, metavar="N|auto",
                    help="source layer of the direction (default auto: see --select)")
     p.add_argument("--select", choices=["auc", "arditi"], default="auc",
-                   help="auto layer choice: held-out projection AUC (seed 001, default) or "
+                   help="auto layer choice: held-out projection AUC (default) or "
                         "Arditi et al.'s bypass/induce/KL selection (one pass per layer)")
     p.add_argument("--norm-preserve", action="store_true",
                    help="rescale every edited matrix to its original Frobenius norm")

@@ -1,4 +1,4 @@
-"""Statistics of the per-layer experiment (issue 4) against scipy / statsmodels, and the
+"""Statistics of the per-layer experiment against scipy / statsmodels, and the
 invariances the issue asks for, as property tests on synthetic activations.
 
 Already covered elsewhere (not repeated): Cohen's d of two samples is invariant to a
