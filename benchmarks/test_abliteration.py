@@ -1,6 +1,6 @@
 """Abliteration: remove a refusal direction from the weights, test the behaviour.
 
-Direction (SCIENCE.md, "Abliteration"): per-layer candidates r_l = mu_H - mu_B at
+Direction (docs/science.md, "Abliteration"): per-layer candidates r_l = mu_H - mu_B at
 ``resid_pre``, last prompt token, from >= 40 harmful + >= 40 harmless train prompts
 (``n_train``, at least 40). The seed's choice is the layer with the largest AUC of the
 projection on held-out validation prompts (AUC saturates at 1.0 at several layers: exact ties

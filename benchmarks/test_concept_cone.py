@@ -75,7 +75,7 @@ SCORE_CACHE_VERSION = "1"
 # The seed's sample: weapons 3, fraud 4, intrusion 4, cyber 9 prompts; 20 harmless.
 SEED_SIZES = (3, 4, 4, 9)
 SEED_HARMLESS = 20
-# Seed 000 figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
+# OBLITERATUS report figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
 SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
         "most_linear_layer": 15, "mean_dimension_all_layers": 3.88, "cap_formula_3d": 2.89}
 

@@ -1,7 +1,7 @@
 """Steering dose-response, ED50 fits and the therapeutic index TI-S (OBLITERATUS report, exp. 2),
 with the trait-vector log's perturbation ratio and multi-layer comparison.
 
-Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
+Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
 
 * Steering adds alpha * v at the input (resid_pre) of the steered blocks, every position.
   Two sweeps, both against the held-out generation prompts ``bench.gen_pair()`` (disjoint
@@ -483,7 +483,7 @@ def analyse_side(sw: Sweep, side: Side) -> SideResult:
     relative = None
     refusal0 = 1.0 - pe[sw.zero]
     if side == "negative" and refusal0 > 0.0:
-        # Not part of TI-S (SCIENCE.md fixes the absolute 50 %): a potency that stays
+        # Not part of TI-S (docs/science.md fixes the absolute 50 %): a potency that stays
         # defined when the baseline refusal rate is itself near 50 %.
         relative = dose50("ED_jailbreak_half_baseline", side, a, ke, ne, intact, cut,
                           level=1.0 - refusal0 / 2.0)
@@ -699,7 +699,7 @@ def needs_coherence_rule(bench: Workbench, measure: Any, hyp: str) -> None:
     model other than the one it was calibrated on (see probes.judges)."""
     if not math.isfinite(perplexity_threshold()):
         measure.skip(hyp, "probes.judges.PERPLEXITY_THRESHOLD is not calibrated, so coherence "
-                          "(SCIENCE.md: not degenerate and perplexity below the threshold) is "
+                          "(docs/science.md: not degenerate and perplexity below the threshold) is "
                           "undefined")
     if bench.lm.name != PERPLEXITY_CALIBRATED_FOR:
         measure.skip(hyp, f"the perplexity threshold of probes.judges is calibrated on "
@@ -808,7 +808,7 @@ def _window_alphas(sw: Sweep, test: Callable[[float], bool]) -> list[int]:
 
 @pytest.mark.claim("TIS-DEGENERATE-BEYOND-1")
 def test_degenerate_at_unit_alpha(bench: Workbench, measure: Any) -> None:
-    """Seed 000: 'at alpha = +/-1.0 and beyond, the model degenerates completely'."""
+    """The OBLITERATUS report: 'at alpha = +/-1.0 and beyond, the model degenerates completely'."""
     sw = run_sweep(bench, "raw")
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
     chosen = _window_alphas(sw, lambda x: x >= 1.0)
@@ -828,7 +828,7 @@ def test_degenerate_at_unit_alpha(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("TIS-COHERENT-WITHIN-HALF")
 def test_coherent_within_half_alpha(bench: Workbench, measure: Any) -> None:
-    """Seed 000: 'only +/-0.5 maintains coherence' (coherent at |alpha| <= 0.5)."""
+    """The OBLITERATUS report: 'only +/-0.5 maintains coherence' (coherent at |alpha| <= 0.5)."""
     sw = run_sweep(bench, "raw")
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
     needs_coherence_rule(bench, measure, "TIS-COHERENT-WITHIN-HALF")

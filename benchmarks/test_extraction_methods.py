@@ -1,6 +1,6 @@
 """Extraction methods compared per layer on held-out prompts (the trait-vector log's comparison).
 
-mean_diff, probe, gradient, pca_diff and random (SCIENCE.md, "Extraction methods") are
+mean_diff, probe, gradient, pca_diff and random (docs/science.md, "Extraction methods") are
 fitted per layer on the train split (AdvBench vs English harmless, resid_pre, last token)
 and evaluated on the held-out split: accuracy at the midpoint between the train class
 means (the orientation is never flipped), Cohen's d and AUC of the projections, and
@@ -32,7 +32,7 @@ from probes.stats import Estimate, FloatArray, percentile_interval, wilson_inter
 
 FITTED: tuple[Method, ...] = ("mean_diff", "probe", "gradient", "pca_diff")
 ALL: tuple[Method, ...] = (*FITTED, "random")
-# Seed 002's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
+# The trait-vector log's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
 # mean accuracy %, mean effect size, combinations with accuracy < 60 %.
 SEED002: dict[str, tuple[float, float, float, str]] = {
     "probe": (0.0, 85.9, 2.94, "29/234"),
@@ -155,7 +155,7 @@ def _setup(bench: Workbench, measure: Any) -> Comparison:
 
 
 def test_methods_summary(bench: Workbench, measure: Any) -> None:
-    """Seed 002's table (polarity failures / mean accuracy / mean effect size per method) and
+    """The trait-vector log's table (polarity failures / mean accuracy / mean effect per method) and
     the method x layer accuracy heatmap, beside the seed's figures."""
     c = _setup(bench, measure)
     methods = list(ALL)

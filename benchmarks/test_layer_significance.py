@@ -43,7 +43,7 @@ from probes.stats import (
 )
 
 SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out")
-# Seed 003's bands of depth on its 28-layer model: early 0-10, middle 11-17, late 18-27.
+# The validation report's depth bands (28 layers): early 0-10, middle 11-17, late 18-27.
 SEED_BANDS = (("early", 0.0, 11 / 28, "2.8-4.5"), ("middle", 11 / 28, 18 / 28, "4.3-8.8"),
               ("late", 18 / 28, 1.0 + 1e-9, "7.7-9.1"))
 SEED_PEAK = "layer 18 of 28 (fraction 18/27 = 0.67), d = 9.05, in-sample"
@@ -128,7 +128,7 @@ def _constant_detail(a: SiteAnalysis, layer: int) -> str:
 
 @pytest.mark.claim("LAYER-VALID", "LAYER-SIGNIFICANT")
 def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) -> None:
-    """Seed 003's validity at one layer: held-out d > 0.5 and Holm-adjusted p < 0.01."""
+    """The validation report's validity at one layer: held-out d > 0.5 and Holm p < 0.01."""
     a = _analysis(bench)
     i = a.layers.index(layer)
     row = a.rows[i]
@@ -176,7 +176,7 @@ def _layer_table(a: SiteAnalysis) -> list[list[Any]]:
 
 @pytest.mark.claim("LAYER-PEAK-LATE")
 def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
-    """Where is held-out separation strongest? Seed 003: layer 18 of 28."""
+    """Where is held-out separation strongest? The validation report: layer 18 of 28."""
     a = _analysis(bench)
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     d = a.d
@@ -219,7 +219,7 @@ def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("LAYER-GROWTH")
 def test_effect_grows_with_depth(bench: Workbench, measure: Any) -> None:
-    """Seed 003: separation builds up from early to late layers (rho(d, layer) > 0)."""
+    """The validation report: separation builds up from early to late layers (rho(d, layer) > 0)."""
     a = _analysis(bench)
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     ok = ~a.constant

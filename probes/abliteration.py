@@ -1,6 +1,6 @@
 """Abliteration: remove a refusal direction from the weights, export, select the direction.
 
-Weight orthogonalisation (SCIENCE.md, "Abliteration"; Arditi et al. 2024)
+Weight orthogonalisation (docs/science.md, "Abliteration"; Arditi et al. 2024)
     Every parameter that writes into the residual stream (the layout's
     :attr:`probes.layout.ResidualLayout.writers`: token embedding, attention output
     projections incl. ``linear_attn.out_proj`` of hybrid models, MLP ``down_proj``, stacked
@@ -45,8 +45,8 @@ Export (:func:`export`)
     ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` or ``probes.models.load(dir)``.
 
 Direction selection (:func:`projection_auc`, :func:`select_by_auc`, :func:`arditi_sweep`)
-    Seed 001: per-layer candidates r_l (mean difference at ``resid_pre``, last token, on the
-    train split), the layer with the largest held-out AUC of the projection <h_l, r_l/|r_l|>;
+    The abliteration plan: candidates r_l per layer (mean difference at ``resid_pre``, last token,
+    on the train split), the layer with the largest held-out AUC of the projection <h_l, r_l/|r_l|>;
     AUC saturates at 1.0 at several layers on easy data, and exact ties are broken by the
     lowest bypass score (below), i.e. by what removing the direction does to refusal, on
     validation prompts (:func:`select_by_auc`). Arditi et al.'s

@@ -1,4 +1,4 @@
-"""Direction extraction methods and their held-out evaluation (SCIENCE.md).
+"""Direction extraction methods and their held-out evaluation (docs/science.md).
 
 Shapes: a single site is ``[n, d]`` (prompts x d_model); per-layer activations
 are ``[n, L, d]``; per-layer directions are ``[L, d]``. "pos" is the class the
@@ -46,7 +46,7 @@ from probes.stats import BoolArray, FloatArray, IntArray, auc, cohens_d, holm
 Method = Literal["mean_diff", "probe", "gradient", "pca_diff", "random"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
-# Seed 003's validity criterion (SCIENCE.md, "Per-layer significance").
+# The validation report's validity criterion (docs/science.md, "Per-layer significance").
 SEED003_P_MAX = 0.01
 SEED003_ABS_D_MIN = 0.5
 # gradient: relative size below which Delta's part outside the range of S is rounding noise.
