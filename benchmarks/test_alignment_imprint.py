@@ -1,8 +1,8 @@
-"""Alignment imprint (seed 000, experiment 3): the refusal direction's shape across layers.
+"""Alignment imprint (OBLITERATUS report, exp. 3): the refusal direction's shape across layers.
 
 Per model, six features of the per-layer refusal directions r_l = mu_H,l - mu_B,l
 (``resid_pre``, last token, the train split, the same prompts as
-``bench.refusal_directions``; SCIENCE.md "Alignment imprint"): Gini of ||r_l||, effective
+``bench.refusal_directions``; docs/science.md "Alignment imprint"): Gini of ||r_l||, effective
 rank and spectral decay of the stacked r̂_l, cross-layer smoothness, tail bias and
 pairwise orthogonality. Each gets a basic (reverse-percentile) bootstrap interval,
 prompts resampled. Resampling noise pushes effective rank and orthogonality up and
@@ -40,10 +40,10 @@ from probes.geometry import (
 from probes.imprint import Imprint, imprint_of
 from probes.stats import spearman
 
-# Seed 000, experiment 3 (Qwen2.5-0.5B-Instruct, 20 + 20 prompts, 24 layers).
+# OBLITERATUS report, experiment 3 (Qwen2.5-0.5B-Instruct, 20 + 20 prompts, 24 layers).
 SEED_FEATURES = {"gini": 0.315, "effective_rank": 14.38, "spectral_decay": 3.20,
                  "smoothness": 0.912, "tail_bias": 0.478, "orthogonality": 0.333}
-SEED_MODEL = "seed 000 (Qwen2.5-0.5B-Instruct)"
+SEED_MODEL = "OBLITERATUS report (Qwen2.5-0.5B-Instruct)"
 UNIT_FEATURES = ("gini", "smoothness", "tail_bias", "orthogonality")  # values in [0, 1]
 SCALE_FEATURES = ("effective_rank", "spectral_decay")
 

@@ -1,4 +1,4 @@
-"""Refusal geometry (seed 000, experiment 1): concept cones of harm categories, per layer.
+"""Refusal geometry (OBLITERATUS report, experiment 1): concept cones of harm categories, per layer.
 
 Per AdvBench harm category c (label ``category``, the first/main harm category) the
 direction d_c = unit(mu_H,c - mu_B) is fitted at ``resid_pre``/last token, at every layer.
@@ -70,7 +70,7 @@ from probes.stats import holm
 from prompts import PromptSet
 
 SCORE_CACHE_VERSION = "2"  # 2: entries carry their key and a checksum
-# Seed 000 figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
+# OBLITERATUS report figures (Qwen2.5-0.5B-Instruct, 4 categories of 3-9 prompts).
 SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
         "most_linear_layer": 15, "mean_dimension_all_layers": 3.88, "cap_formula_3d": 2.89}
 
@@ -213,7 +213,7 @@ def test_cone_depth_profile(bench: Workbench, measure: Any) -> None:
 
     record_depth_plots(measure, layers, stats, nulls, data.p_holm)
     record_representative_layers(measure, stats, layers)
-    measure.table("seed_comparison", ["quantity", "seed 000 (Qwen2.5-0.5B, 4 cat. x 3-9)",
+    measure.table("seed_comparison", ["quantity", "OBLITERATUS report (Qwen2.5-0.5B, 4 cat. x 3-9)",
                                       f"this model ({k} cat. x {int(stats[0].counts.min())})"],
                   [["most polyhedral layer", SEED["most_polyhedral_layer"],
                     most_polyhedral_layer(stats)],

@@ -1,4 +1,4 @@
-"""DETECTED_PROCEEDS layer localisation and per-token monitoring (seed 000 exp. 4, seed 002).
+"""DETECTED_PROCEEDS layer localisation and per-token monitoring.
 
 The model replies (greedy, ``max_new_tokens`` of the profile, 48 in full) to held-out harmful
 prompts: AdvBench validation prompts (never used to fit the directions; the first part is
@@ -25,7 +25,7 @@ the decision AUC; decision peak = largest decision AUC. Gaps (decision saturatio
 saturation, decision peak - detection peak) carry stratified bootstrap intervals (prompts
 resampled within refused / complied / harmless). The DETECTED_PROCEEDS hypotheses are judged
 at the detection-peak layer, which is chosen without the refusal labels; the per-token one at
-the middle layer (seed 002's L32 of 64), with every layer in a Holm-corrected table beside it.
+the middle layer (trait-vector log: L32 of 64), with every layer in a Holm table beside it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Steering dose-response, ED50 fits and the therapeutic index TI-S (seed 000, experiment 2),
-with seed 002's perturbation ratio and multi-layer comparison.
+"""Steering dose-response, ED50 fits and the therapeutic index TI-S (OBLITERATUS report, exp. 2),
+with the trait-vector log's perturbation ratio and multi-layer comparison.
 
-Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
+Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
 
 * Steering adds alpha * v at the input (resid_pre) of the steered blocks, every position.
   Two sweeps, both against the held-out generation prompts ``bench.gen_pair()`` (disjoint
@@ -11,9 +11,9 @@ Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
     the middle third of the model (blocks 8-15 of 24, the seed's "layers 8-15"), grid
     ``--alphas`` (full profile -2:2:0.25);
   - **ratio**: v = r̂_l * mean ||h_l|| at ONE block, the centre of the middle third (12 of
-    24), grid ``--ratio-alphas``. Alpha is then seed 002's perturbation ratio
+    24), grid ``--ratio-alphas``. Alpha is then the trait-vector log's perturbation ratio
     ||alpha v|| / ||h||, defined there for a vector added at one layer; spreading the same
-    ratio over eight blocks would add eight such vectors and compare nothing with seed 002.
+    ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
 * Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most
@@ -35,7 +35,7 @@ Design (SCIENCE.md, "Dose-response and the therapeutic index TI-S"):
   (both doses from the GLM) or by interval arithmetic (otherwise); or the reason it cannot
   be computed. Therapeutic window per side: doses where the intended effect is past 50 %
   and degeneracy below 50 % (empty is a finding).
-* Multi-layer vs single-layer (seed 002: L6-10 beat L8 by 1.5 points) at equal total
+* Multi-layer vs single-layer (trait-vector log: L6-10 beat L8 by 1.5 points) at equal total
   perturbation sum_l ||alpha_l v_l||: the single block c of the ratio sweep at total ratio
   T against the five blocks c-2..c+2 at T/5 each (rescaled so that the totals are equal
   exactly), pooled over T in [0.5, 1.5].
@@ -273,7 +273,7 @@ def needs_coherence_rule(bench: Workbench, measure: Any, hyp: str) -> None:
     model other than the one it was calibrated on (see probes.judges)."""
     if not math.isfinite(perplexity_threshold()):
         measure.skip(hyp, "probes.judges.PERPLEXITY_THRESHOLD is not calibrated, so coherence "
-                          "(SCIENCE.md: not degenerate and perplexity below the threshold) is "
+                          "(docs/science.md: not degenerate and perplexity below the threshold) is "
                           "undefined")
     if bench.lm.name != PERPLEXITY_CALIBRATED_FOR:
         measure.skip(hyp, f"the perplexity threshold of probes.judges is calibrated on "
@@ -378,7 +378,7 @@ def test_ratio_breakdown(bench: Workbench, side: Side, measure: Any) -> None:
 
 @pytest.mark.claim("TIS-DEGENERATE-BEYOND-1")
 def test_degenerate_at_unit_alpha(bench: Workbench, measure: Any) -> None:
-    """Seed 000: 'at alpha = +/-1.0 and beyond, the model degenerates completely'."""
+    """The OBLITERATUS report: 'at alpha = +/-1.0 and beyond, the model degenerates completely'."""
     sw = run_sweep(bench, "raw")
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
     chosen = window_alphas(sw, lambda x: x >= 1.0)
@@ -398,7 +398,7 @@ def test_degenerate_at_unit_alpha(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("TIS-COHERENT-WITHIN-HALF")
 def test_coherent_within_half_alpha(bench: Workbench, measure: Any) -> None:
-    """Seed 000: 'only +/-0.5 maintains coherence' (coherent at |alpha| <= 0.5)."""
+    """The OBLITERATUS report: 'only +/-0.5 maintains coherence' (coherent at |alpha| <= 0.5)."""
     sw = run_sweep(bench, "raw")
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
     needs_coherence_rule(bench, measure, "TIS-COHERENT-WITHIN-HALF")

@@ -1,6 +1,6 @@
-"""Extraction methods compared per layer on held-out prompts (seed 002).
+"""Extraction methods compared per layer on held-out prompts (the trait-vector log's comparison).
 
-mean_diff, probe, gradient, pca_diff and random (SCIENCE.md, "Extraction methods") are
+mean_diff, probe, gradient, pca_diff and random (docs/science.md, "Extraction methods") are
 fitted per layer on the train split (AdvBench vs English harmless, resid_pre, last token)
 and evaluated on the held-out split: accuracy at the midpoint between the train class
 means (the orientation is never flipped), Cohen's d and AUC of the projections, and
@@ -38,7 +38,7 @@ from probes.method_comparison import (
 )
 from probes.stats import wilson_interval
 
-# Seed 002's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
+# The trait-vector log's table (Gemma-2-2B-IT, 234 trait x layer combinations): polarity failures %,
 # mean accuracy %, mean effect size, combinations with accuracy < 60 %.
 SEED002: dict[str, tuple[float, float, float, str]] = {
     "probe": (0.0, 85.9, 2.94, "29/234"),
@@ -84,7 +84,7 @@ def _setup(bench: Workbench, measure: Any) -> Comparison:
 
 
 def test_methods_summary(bench: Workbench, measure: Any) -> None:
-    """Seed 002's table (polarity failures / mean accuracy / mean effect size per method) and
+    """The trait-vector log's table (polarity failures / mean accuracy / mean effect per method) and
     the method x layer accuracy heatmap, beside the seed's figures."""
     c = _setup(bench, measure)
     methods = list(ALL)
@@ -108,7 +108,7 @@ def test_methods_summary(bench: Workbench, measure: Any) -> None:
         measure.metric(f"{m}/mean_auc", float(np.mean([e.auc for e in r.evals])), n=c.n_test)
         measure.metric(f"{m}/layers_accuracy_below_60pct", low_acc, n=k)
     measure.table(
-        "extraction methods on held-out prompts beside seed 002 (Gemma-2-2B-IT, 234 trait x "
+        "extraction methods on held-out prompts beside the trait log (Gemma-2-2B-IT, 234 trait x "
         "layer combinations; the seed's effect size looks like |d|: random's is 0.79)",
         ["method", "polarity failures", "polarity failures %", "seed %", "mean accuracy %",
          "seed accuracy %", "mean d", "mean |d|", "seed effect size", "accuracy < 60 %",
@@ -142,7 +142,7 @@ def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
     measure.metric("probe_polarity_failures", fails, n=k)
     measure.check("PROBE-NO-POLARITY-FAIL", fails / k, ci=wilson_interval(fails, k), n=k,
                   detail=f"inverted at layers {bad or 'none'} of {excluded_note(c)}; "
-                  f"seed 002: probe 0/234")
+                  f"the trait-vector log: probe 0/234")
 
 
 @pytest.mark.claim("PROBE-BEATS-MEANDIFF")
@@ -161,7 +161,7 @@ def test_probe_beats_mean_diff(bench: Workbench, measure: Any) -> None:
     measure.check("PROBE-BEATS-MEANDIFF", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"probe {probe.accuracy.mean():.3f} vs mean_diff {md.accuracy.mean():.3f}"
                   f" mean accuracy over {excluded_note(c)}; probe better at {better}, worse at "
-                  f"{worse} layers; seed 002: 85.9 % vs 65.7 %")
+                  f"{worse} layers; the trait-vector log: 85.9 % vs 65.7 %")
 
 
 @pytest.mark.claim("RANDOM-NEAR-CHANCE")
@@ -177,7 +177,7 @@ def test_random_is_near_chance(bench: Workbench, measure: Any) -> None:
     measure.check("RANDOM-NEAR-CHANCE", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"one seeded Gaussian direction per layer, mean accuracy over "
                   f"{excluded_note(c)}; per-layer range {r.accuracy.min():.2f}-"
-                  f"{r.accuracy.max():.2f}; seed 002: 46.5 %")
+                  f"{r.accuracy.max():.2f}; the trait-vector log: 46.5 %")
 
 
 @pytest.mark.claim("METHOD-BEATS-RANDOM")
@@ -190,5 +190,5 @@ def test_method_beats_random(bench: Workbench, method: Method, measure: Any) -> 
     measure.metric("method_minus_random_accuracy", est.value, ci=(est.lo, est.hi), n=est.n)
     measure.check("METHOD-BEATS-RANDOM", est.value, ci=(est.lo, est.hi), n=est.n, label=method,
                   detail=f"{method} {r.accuracy.mean():.3f} vs random {rand.accuracy.mean():.3f}"
-                  f" mean accuracy over {excluded_note(c)}; seed 002: "
+                  f" mean accuracy over {excluded_note(c)}; the trait-vector log: "
                   f"{SEED002[method][1]:.1f} % vs 46.5 %")

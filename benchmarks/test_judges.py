@@ -1,4 +1,4 @@
-"""The refusal judges against human labels (issue 5; SCIENCE.md, "Judges").
+"""The refusal judges against human labels (docs/science.md, "Judges").
 
 pyrit ships human-labelled replies (``refusal_scorer/refusal.csv`` and
 ``sample/mini_refusal.csv``; :mod:`prompts.labelled`): an objective, a reply, and whether a

@@ -1,4 +1,4 @@
-"""Per-layer validation of refusal directions (seed 003), on held-out prompts, at three sites.
+"""Per-layer validation of refusal directions, on held-out prompts, at three sites.
 
 The direction r_l = mu_H - mu_B is fitted on the train split (AdvBench vs the project's
 English harmless set) and tested on held-out prompts: Welch t, Holm-adjusted p over the
@@ -6,7 +6,7 @@ layers analysed, Cohen's d (bootstrap interval over the held-out prompts, direct
 and AUC. The in-sample d (fit and test on the same prompts, the seed's protocol) is
 reported beside it only for comparison with the seed.
 
-Validity is seed 003's criterion split in two hypotheses, so a layer is valid when both
+Validity is the validation report's criterion split in two hypotheses, so a layer is valid when both
 hold: LAYER-VALID (held-out d > 0.5, judged on the bootstrap lower bound) and
 LAYER-SIGNIFICANT (Holm-adjusted p < 0.01). One test per (model, layer): a failing layer is
 one failing test.
@@ -49,7 +49,7 @@ from probes.stats import (
     wilson_interval,
 )
 
-# Seed 003's bands of depth on its 28-layer model: early 0-10, middle 11-17, late 18-27.
+# The validation report's depth bands (28 layers): early 0-10, middle 11-17, late 18-27.
 SEED_BANDS = (("early", 0.0, 11 / 28, "2.8-4.5"), ("middle", 11 / 28, 18 / 28, "4.3-8.8"),
               ("late", 18 / 28, 1.0 + 1e-9, "7.7-9.1"))
 SEED_PEAK = "layer 18 of 28 (fraction 18/27 = 0.67), d = 9.05, in-sample"
@@ -89,7 +89,7 @@ def _probe_correct(bench: Workbench, site: Site) -> tuple[np.ndarray, np.ndarray
 
 @pytest.mark.claim("LAYER-VALID", "LAYER-SIGNIFICANT")
 def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) -> None:
-    """Seed 003's validity at one layer: held-out d > 0.5 and Holm-adjusted p < 0.01."""
+    """The validation report's validity at one layer: held-out d > 0.5 and Holm p < 0.01."""
     a = _analysis(bench)
     i = a.layers.index(layer)
     row = a.rows[i]
@@ -127,7 +127,7 @@ def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) ->
 
 @pytest.mark.claim("LAYER-PEAK-LATE")
 def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
-    """Where is held-out separation strongest? Seed 003: layer 18 of 28."""
+    """Where is held-out separation strongest? The validation report: layer 18 of 28."""
     a = _analysis(bench)
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     d = a.d
@@ -170,7 +170,7 @@ def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("LAYER-GROWTH")
 def test_effect_grows_with_depth(bench: Workbench, measure: Any) -> None:
-    """Seed 003: separation builds up from early to late layers (rho(d, layer) > 0)."""
+    """The validation report: separation builds up from early to late layers (rho(d, layer) > 0)."""
     a = _analysis(bench)
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     ok = ~a.constant
@@ -198,7 +198,7 @@ def test_effect_grows_with_depth(bench: Workbench, measure: Any) -> None:
                      seed_range])
         measure.metric(f"mean_d_heldout/{name}", float(dh.mean()),
                        ci=percentile_interval(a.d_boot[:, sel].mean(axis=1)), n=a.n_test)
-    measure.table("effect size by depth band beside seed 003 (Qwen2.5-1.5B-Instruct, in-sample)",
+    measure.table("effect size by depth band beside the Qwen2.5-1.5B report (in-sample)",
                   ["band (seed's depth fractions)", "layers here", "held-out d range",
                    "in-sample d range", "seed d range"], rows)
     measure.check("LAYER-GROWTH", rho, ci=(lo, hi), n=int(ok.sum()),
@@ -212,7 +212,7 @@ def test_effect_grows_with_depth(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("SITE-ATTN-BEATS-MLP")
 def test_sites_side_by_side(bench: Workbench, measure: Any) -> None:
-    """The same per-layer analysis at resid_pre, attn_out and mlp_out (seed 002: attn_out
+    """The same per-layer analysis at resid_pre, attn_out and mlp_out (trait-vector log: attn_out
     carried the trait best, 90 % vs 80 %); the claim compares probe accuracy attn vs mlp."""
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
     res = {site: _analysis(bench, site) for site in SITES}
@@ -261,4 +261,5 @@ def test_sites_side_by_side(bench: Workbench, measure: Any) -> None:
     measure.check("SITE-ATTN-BEATS-MLP", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"mean probe accuracy over {int(both.sum())} layers: attn_out "
                   f"{np.nanmean(acc['attn_out']):.3f}, mlp_out {np.nanmean(acc['mlp_out']):.3f},"
-                  f" resid_pre {np.nanmean(acc['resid_pre']):.3f}; seed 002: 90 % vs 80 %")
+                  f" resid_pre {np.nanmean(acc['resid_pre']):.3f}; "
+                  "the trait-vector log: 90 % vs 80 %")

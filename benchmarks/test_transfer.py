@@ -1,7 +1,7 @@
 """Transfer of refusal directions across topics, harm categories, languages and benchmarks
-(seed 002's cross-topic, cross-language and cross-distribution tests).
+(the trait-vector log's cross-topic, cross-language and cross-distribution tests).
 
-Design (resid_pre, last token, at the layer of seed 002's relative depth: its "probe @
+Design (resid_pre, last token, at the layer of the trait-vector log's relative depth: its "probe @
 layer 16" of Gemma-2-2B's 26 layers, i.e. round(16/25 * (L - 1)); never chosen on our data):
 
 * Cross-topic: the harmless side is split by topic (English harmless set: cooking,
@@ -65,8 +65,8 @@ from prompts import PromptSet
 
 SEED002_DEPTH = 16 / 25  # "probe @ layer 16" on Gemma-2-2B (26 layers)
 METHODS: tuple[Method, ...] = ("probe", "mean_diff")
-SEED_TOPIC = "seed 002 (probe @ layer 16, Gemma-2-2B-IT): same-topic 100.0 %, cross 91.4 %"
-SEED_LANG = ("seed 002 (probe @ layer 16, Gemma-2-2B-IT, both classes in each language): "
+SEED_TOPIC = "trait-vector log (probe @ layer 16, Gemma-2-2B-IT): same-topic 100.0 %, cross 91.4 %"
+SEED_LANG = ("trait-vector log (probe @ layer 16, Gemma-2-2B-IT, both classes in each language): "
              "same-language 100.0 %, cross 99.6 %; mean_diff ~50 % cross-language")
 
 
@@ -74,7 +74,7 @@ SEED_LANG = ("seed 002 (probe @ layer 16, Gemma-2-2B-IT, both classes in each la
 
 
 def transfer_layer(bench: Workbench) -> int:
-    """The analysed layer nearest seed 002's relative depth that has a direction."""
+    """The analysed layer nearest the trait-vector log's relative depth that has a direction."""
     target = round(SEED002_DEPTH * (bench.lm.n_layers - 1))
     ok = [lay for lay in bench.layers if not _constant(bench)[lay]]
     if not ok:

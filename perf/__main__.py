@@ -5,29 +5,29 @@
 
 Sections (default: all but ``doseresponse``):
 
-* ``load`` (issue 2): model load cold (GGUF joined and converted into a fresh temporary
+* ``load`` (foundation): model load cold (GGUF joined and converted into a fresh temporary
   cache, in a child process; skipped with --quick) and warm (from the safetensors cache).
-* ``activations`` (issue 2): all-layer last-token activations of 128 AdvBench + harmless
+* ``activations`` (foundation): all-layer last-token activations of 128 AdvBench + harmless
   prompts: ``probes.capture.capture`` (no activation cache) vs a plain
   ``model(**batch, output_hidden_states=True)`` loop over the same batches, interleaved;
   a warm read of the same activations through ``probes.cache.ActivationCache``; the peak
   RSS of a fresh process doing warm load + capture + cache write/read.
-* ``generation`` (issue 5): greedy ``probes.generation.generate`` throughput (new tokens/s)
+* ``generation`` (throughput): greedy ``probes.generation.generate`` throughput (new tokens/s)
   at batch sizes 1, 8, 32, 64 (48 new tokens), the batch-32/batch-1 speed-up and a roofline:
   the machine's matmul GFLOP/s in the run's dtype (--dtype, default auto) over the
   model's FLOPs per token (2 x parameters,
   lm_head included) is the compute-bound tokens/s; each throughput is given as a fraction.
-* ``doseresponse`` (issue 5, opt-in, minutes): the default 17-alpha dose-response workload
+* ``doseresponse`` (generation, opt-in, minutes): the default 17-alpha dose-response workload
   (17 alphas x 40 prompts x 48 new tokens, steering layers L/3..2L/3 with the mean-difference
   direction) end to end.
-* ``compare-acts`` (issue 9): 256 prompts, all layers, last token: the suite cold and warm vs
+* ``compare-acts`` (peers): 256 prompts, all layers, last token: the suite cold and warm vs
   TransformerLens ``run_with_cache``, steering-vectors ``record_activations`` and a plain
   one-prompt-at-a-time ``output_hidden_states`` loop; interleaved, medians, ratios
   (suite / peer), parity of the activations, peak RSS per tool in a child process.
-* ``compare-steer`` (issue 9): steered greedy generation, 40 prompts x 48 new tokens, one
+* ``compare-steer`` (peers): steered greedy generation, 40 prompts x 48 new tokens, one
   layer: the suite vs steering-vectors ``SteeringVector.apply`` + batched ``model.generate``
   vs a one-prompt-at-a-time loop; same outputs checked.
-* ``abliteration`` (issue 9): orthogonalising every residual writer of every layer:
+* ``abliteration`` (peers): orthogonalising every residual writer of every layer:
   ``probes.abliteration.orthogonalised`` (in place, restored) and ``orthogonalise`` (copy)
   vs a plain deep copy + in-place edit loop; wall time and peak RSS.
 
@@ -70,8 +70,8 @@ class Settings:
     quick: bool
     repeats: int
     load_repeats: int
-    n_acts: int  # issue 2: activation prompts
-    n_compare: int  # issue 9: activation prompts
+    n_acts: int  # foundation section: activation prompts
+    n_compare: int  # peer comparison: activation prompts
     batch_size: int
     gen_batch_sizes: tuple[int, ...]
     gen_bs1_prompts: int
@@ -329,7 +329,7 @@ class Run:
             state["directions_path"] = str(path)
         return str(state["directions_path"])
 
-    # -- A: issue 2 --------------------------------------------------------------------
+    # -- A: foundation (load, capture, cache, memory) -----------------------------------
     def section_load(self, spec: str, report: Any) -> Any:
         from perf.report import Figure, Target, median
         from probes.models import load
@@ -366,7 +366,7 @@ class Run:
             p(f"  warm load {i + 1}/{self.s.load_repeats}: {samples[-1]:.2f}s")
         report.add(Figure("load.warm_s", "load", "load warm (safetensors cache)",
                           median(samples), "s", samples=samples,
-                          target=Target("<", 3.0, "issue 2"),
+                          target=Target("<", 3.0, "warm load"),
                           note="in a process that has loaded it before (imports warm)"))
         return lm
 
@@ -397,7 +397,7 @@ class Run:
         diff = float((outs["suite"] - outs["hidden_states"]).abs().max())
         report.add(Figure("acts.suite_over_hidden_states", "activations",
                           "capture / output_hidden_states (time)", ratio, "x",
-                          target=Target("<=", 1.0, "issue 2: hooks add no cost"),
+                          target=Target("<=", 1.0, "hooks add no cost"),
                           note=f"same activations: max |diff| {diff:.1e}",
                           extra={"max_abs_diff": diff}))
         data = outs["suite"]
@@ -409,21 +409,21 @@ class Run:
         report.add(Figure("acts.cache_read_s", "activations",
                           f"activation cache read ({n} x {lm.n_layers} x {lm.layout.d_model})",
                           median(samples["cache_read"]), "s", samples=samples["cache_read"],
-                          target=Target("<", 0.5, "issue 2"),
+                          target=Target("<", 0.5, "cache read"),
                           note="ActivationCache.get_or_compute hit (read + checksum)"))
         if s.memory:
-            res = _child(spec, "issue2.process", inputs, p, self.threads)
+            res = _child(spec, "user.process", inputs, p, self.threads)
             _memory_figure(report, "acts.process_peak_rss", "activations",
                            "peak RSS: load + capture + cache write/read", res,
-                           Target("<", 6 * GIB, "issue 2"))
+                           Target("<", 6 * GIB, "memory"))
             if "load_seconds" in res:
                 report.add(Figure("load.warm_fresh_process_s", "activations",
                                   "load warm in a fresh process (imports included)",
                                   res["load_seconds"], "s", samples=[res["load_seconds"]],
-                                  target=Target("<", 3.0, "issue 2"),
+                                  target=Target("<", 3.0, "warm load"),
                                   note="one run, in the peak-RSS child process"))
 
-    # -- B: issue 5 ----------------------------------------------------------------------
+    # -- B: generation ---------------------------------------------------------------------
     def section_generation(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                            ) -> None:
         from perf.report import Figure, Target, median
@@ -486,12 +486,12 @@ class Run:
             if bs == 32:
                 report.add(Figure("gen.bs32_fraction", "generation",
                                   "batch 32 throughput / compute-bound", tok_s[32] / bound,
-                                  "fraction", target=Target(">=", 0.5, "issue 5"),
+                                  "fraction", target=Target(">=", 0.5, "generation"),
                                   note="new tokens only; prompt prefill is extra work"))
         if 1 in tok_s and 32 in tok_s:
             report.add(Figure("gen.speedup_bs32_over_bs1", "generation",
                               "throughput batch 32 / batch 1", tok_s[32] / tok_s[1], "x",
-                              target=Target(">=", 6.0, "issue 5")))
+                              target=Target(">=", 6.0, "batching")))
 
     def section_doseresponse(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                              ) -> None:
@@ -531,7 +531,7 @@ class Run:
                           extra={"generations": n_gen, "new_tokens": tokens,
                                  "alphas": list(alphas), "layers": layers}))
 
-    # -- C: issue 9 ----------------------------------------------------------------------
+    # -- C: peers ------------------------------------------------------------------------
     def section_compare_acts(self, spec: str, lm: Any, report: Any, state: dict[str, Any]
                              ) -> None:
         from perf.report import Figure, Target, median, per_round, per_round_note
@@ -575,7 +575,7 @@ class Run:
         report.add(Figure("cmp.acts.suite_warm_s", sec, f"suite warm, {n} prompts",
                           t_warm, "s", samples=reads["cache"], note="activation cache read"))
         report.add(Figure("cmp.acts.warm_over_cold", sec, "suite warm / suite cold",
-                          t_warm / t_cold, "x", target=Target("<=", 1 / 20, "issue 9: 20x")))
+                          t_warm / t_cold, "x", target=Target("<=", 1 / 20, "warm cache 20x")))
         notes = {
             "transformer-lens": "TransformerBridge.run_with_cache(names_filter=resid_pre, "
                                 "pos_slice=-1), same batches",
@@ -601,8 +601,8 @@ class Run:
                               samples=secs[label],
                               note=f"max |diff| vs suite {diff:.1e}; " + notes[label],
                               extra={"max_abs_diff_vs_suite": diff}))
-            goal = {"tl": Target("<=", 1 / 1.5, "issue 9: 1.5x faster"),
-                    "sv": Target("<=", 1.0, "issue 9")}.get(key)
+            goal = {"tl": Target("<=", 1 / 1.5, "1.5x faster"),
+                    "sv": Target("<=", 1.0, "as fast")}.get(key)
             rounds = per_round(secs["suite"], secs[label])
             report.add(Figure(fid + "_ratio_cold", sec, f"suite cold / {label}",
                               t_cold / t_peer, "x", target=goal,
@@ -660,7 +660,7 @@ class Run:
         rates = [gens.total_new_tokens / t for t in secs["suite"]]
         report.add(Figure("cmp.steer.suite_fraction", sec,
                           "suite steered tokens/s / compute-bound", median(rates) / bound,
-                          "fraction", target=Target(">=", 0.30, "issue 9"),
+                          "fraction", target=Target(">=", 0.30, "steered throughput"),
                           note=f"{median(rates):.0f} tok/s ({gens.total_new_tokens} new tokens; "
                                f"prompt prefill is extra work) / {bound:.0f} tok/s"))
         notes = {"steering-vectors": "SteeringVector.apply + model.generate, same batches",
@@ -678,7 +678,7 @@ class Run:
                                    + notes[label],
                               extra={"same_text": same, "n": len(outs["suite"])}))
             goal = Target("<=", 1.0 if key == "sv" else 0.1,
-                          "issue 9" if key == "sv" else "issue 9: 10x")
+                          "as fast" if key == "sv" else "10x the loop")
             rounds = per_round(secs["suite"], secs[label])
             report.add(Figure(fid + "_ratio", sec, f"suite / {label}", t_suite / t_peer, "x",
                               target=goal, note="time ratio, < 1: the suite is faster"

@@ -13,7 +13,7 @@ prints one JSON line with
 or ``unavailable`` with the reason when the tool cannot run here.
 
 Special tasks: ``load.cold`` (resolve the model into a fresh temporary cache: the GGUF is
-joined and converted), ``issue2.process`` (a user's process for issue 2: warm load, capture
+joined and converted), ``user.process`` (a user's process: warm load, capture
 of the activation prompts at all layers, write and read them through the activation cache).
 """
 
@@ -55,7 +55,7 @@ def _load_cold(spec: str) -> dict[str, Any]:
     return out
 
 
-def _issue2_process(spec: str, inputs: Inputs) -> dict[str, Any]:
+def _user_process(spec: str, inputs: Inputs) -> dict[str, Any]:
     from probes.cache import ActivationCache
     from probes.capture import capture
     from probes.models import load
@@ -122,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.task == "load.cold":
             result.update(_load_cold(args.model))
-        elif args.task == "issue2.process":
-            result.update(_issue2_process(args.model, inputs))
+        elif args.task == "user.process":
+            result.update(_user_process(args.model, inputs))
         else:
             result.update(_task(args.model, args.task, inputs))
     except Unavailable as exc:

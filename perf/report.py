@@ -22,7 +22,7 @@ class Target:
 
     op: str
     threshold: float
-    source: str  # e.g. "issue 2"
+    source: str  # what the goal is, e.g. "hooks add no cost"
 
     def met(self, value: float | None) -> bool | None:
         if value is None or not math.isfinite(value):
@@ -70,7 +70,7 @@ def median(samples: Sequence[float]) -> float:
 def per_round(a: Sequence[float], b: Sequence[float]) -> list[float]:
     """``a_i / b_i`` for every interleaved round (two tools timed back to back), to show how
     far the ratio moved between rounds; the figure's value stays the ratio of the medians,
-    as issue 9 defines it."""
+    as the peer comparison defines it."""
     return [x / y for x, y in zip(a, b, strict=True)]
 
 

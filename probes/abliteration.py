@@ -1,6 +1,6 @@
 """Abliteration: remove a refusal direction from the weights, export, select the direction.
 
-Weight orthogonalisation (SCIENCE.md, "Abliteration"; Arditi et al. 2024)
+Weight orthogonalisation (docs/science.md, "Abliteration"; Arditi et al. 2024)
     Every parameter that writes into the residual stream (the layout's
     :attr:`probes.layout.ResidualLayout.writers`: token embedding, attention output
     projections incl. ``linear_attn.out_proj`` of hybrid models, MLP ``down_proj``, stacked
@@ -45,8 +45,8 @@ Export (:func:`export`)
     ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` or ``probes.models.load(dir)``.
 
 Direction selection (:func:`projection_auc`, :func:`select_by_auc`, :func:`arditi_sweep`)
-    Seed 001: per-layer candidates r_l (mean difference at ``resid_pre``, last token, on the
-    train split), the layer with the largest held-out AUC of the projection <h_l, r_l/|r_l|>;
+    The abliteration plan: candidates r_l per layer (mean difference at ``resid_pre``, last token,
+    on the train split), the layer with the largest held-out AUC of the projection <h_l, r_l/|r_l|>;
     AUC saturates at 1.0 at several layers on easy data, and exact ties are broken by the
     lowest bypass score (below), i.e. by what removing the direction does to refusal, on
     validation prompts (:func:`select_by_auc`). Arditi et al.'s
@@ -607,7 +607,7 @@ def max_auc_layers(scores: Sequence[LayerAUC]) -> list[int]:
 
 def select_by_auc(scores: Sequence[LayerAUC], tie_break: Mapping[int, float] | None = None
                   ) -> int:
-    """The layer with the largest held-out AUC (seed 001).
+    """The layer with the largest held-out AUC (the abliteration plan's choice).
 
     Exact ties (AUC = 1.0 at several layers is common) are broken by the lowest
     ``tie_break`` value, meant to be the bypass score (mean refusal logit score of harmful
@@ -781,7 +781,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=_parse_layer, default=None, metavar="N|auto",
                    help="source layer of the direction (default auto: see --select)")
     p.add_argument("--select", choices=["auc", "arditi"], default="auc",
-                   help="auto layer choice: held-out projection AUC (seed 001, default) or "
+                   help="auto layer choice: held-out projection AUC (default) or "
                         "Arditi et al.'s bypass/induce/KL selection (one pass per layer)")
     p.add_argument("--norm-preserve", action="store_true",
                    help="rescale every edited matrix to its original Frobenius norm")

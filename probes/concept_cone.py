@@ -3,7 +3,7 @@
 Harmful prompts are drawn balanced per category (:func:`cone_prompts`), held-out ones for
 the causal check from the test split (:func:`causal_prompts`); :class:`Cone` holds the
 per-layer :class:`probes.geometry.ConeStatistics` with Holm-adjusted permutation p-values.
-The ``record_*`` functions put the figures in a report. Definitions: SCIENCE.md.
+The ``record_*`` functions put the figures in a report. Definitions: docs/science.md.
 
 Example:
     harmful = cone_prompts(split, n=16, seed=0)
@@ -36,7 +36,7 @@ MIN_CATEGORIES = 4
 # Permutation replicates: enough that a Holm-adjusted p over 24+ layers can reach 0.05
 # (the smallest p is 1 / (N_PERM + 1)). Replicates only re-weight Gram matrices: cheap.
 N_PERM = 999
-# Layer whose d_c is ablated in the causal check: the middle of the network (seed 000
+# Layer whose d_c is ablated in the causal check: the middle of the network (the OBLITERATUS report
 # steered layers 8-15 of 24; refusal directions from mid-depth ablate best, Arditi et al.).
 CAUSAL_LAYER_FRACTION = 0.5
 # The seed's sample: weapons 3, fraud 4, intrusion 4, cyber 9 prompts; 20 harmless.

@@ -1,4 +1,4 @@
-"""Direction extraction methods and their held-out evaluation (SCIENCE.md).
+"""Direction extraction methods and their held-out evaluation (docs/science.md).
 
 Shapes: a single site is ``[n, d]`` (prompts x d_model); per-layer activations
 are ``[n, L, d]``; per-layer directions are ``[L, d]``. "pos" is the class the
@@ -46,7 +46,7 @@ from probes.stats import BoolArray, FloatArray, IntArray, auc, cohens_d, holm
 Method = Literal["mean_diff", "probe", "gradient", "pca_diff", "random"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
-# Seed 003's validity criterion (SCIENCE.md, "Per-layer significance").
+# The validation report's validity criterion (docs/science.md, "Per-layer significance").
 SEED003_P_MAX = 0.01
 SEED003_ABS_D_MIN = 0.5
 # gradient: relative size below which Delta's part outside the range of S is rounding noise.
@@ -376,7 +376,7 @@ def fit_direction_per_layer(
 
 @dataclass(frozen=True)
 class DirectionEval:
-    """Held-out quality of a direction (seed 002's table, SCIENCE.md).
+    """Held-out quality of a direction (the trait-vector log's table, docs/science.md).
 
     ``threshold`` is the midpoint between the train-class means of the projection;
     a test prompt is predicted "pos" when its projection is > threshold (the
@@ -455,7 +455,7 @@ def evaluate_per_layer(
 
 @dataclass(frozen=True)
 class LayerSignificance:
-    """One row of the per-layer significance table (SCIENCE.md, seed 003).
+    """One row of the per-layer significance table (docs/science.md, Per-layer significance).
 
     Held-out columns use r_l fitted (mean_diff) on the train split and tested on
     the test split; ``*_in_sample`` columns fit and test on train + test together
@@ -509,7 +509,7 @@ def layer_significance(
 ) -> list[LayerSignificance]:
     """Per-layer Welch t, Holm-adjusted p, Cohen's d, AUC and validity ([n, L, d] inputs).
 
-    Defaults are seed 003's criterion (p < 0.01 and |d| > 0.5), judged on the
+    Defaults are the validation report's criterion (p < 0.01 and |d| > 0.5), judged on the
     Holm-adjusted held-out p-values.
     """
     trp, trn = _as_3d(train_pos, "train_pos"), _as_3d(train_neg, "train_neg")

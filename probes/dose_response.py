@@ -3,7 +3,7 @@
 A :class:`Sweep` holds the judged replies per alpha; :func:`analyse_side` fits each side of
 alpha = 0 (GLM dose with a delta-method interval, else a model-free interpolation) and
 :func:`ti_s` combines the two intended-effect doses into the therapeutic index. The
-definitions are in SCIENCE.md, "Dose-response and the therapeutic index TI-S".
+definitions are in docs/science.md, "Dose-response and the therapeutic index TI-S".
 
 Example:
     sides = {s: analyse_side(sweep, s) for s in SIDES}
@@ -29,7 +29,7 @@ Units = Literal["raw", "ratio"]
 Side = Literal["negative", "positive"]
 SIDES: tuple[Side, ...] = ("negative", "positive")
 CONF = 0.95
-MULTI_WIDTH = 5  # blocks in the multi-layer arm (seed 002: L6-10)
+MULTI_WIDTH = 5  # blocks in the multi-layer arm (the trait-vector log: L6-10)
 MULTI_TOTALS = (0.5, 1.5)  # range of total perturbation ratios pooled in the comparison
 SAMPLE_PROMPTS = 2  # replies shown per class and alpha in the report
 SAMPLE_CHARS = 300
@@ -298,7 +298,7 @@ def analyse_side(sw: Sweep, side: Side) -> SideResult:
     relative = None
     refusal0 = 1.0 - pe[sw.zero]
     if side == "negative" and refusal0 > 0.0:
-        # Not part of TI-S (SCIENCE.md fixes the absolute 50 %): a potency that stays
+        # Not part of TI-S (docs/science.md fixes the absolute 50 %): a potency that stays
         # defined when the baseline refusal rate is itself near 50 %.
         relative = dose50("ED_jailbreak_half_baseline", side, a, ke, ne, intact, cut,
                           level=1.0 - refusal0 / 2.0)

@@ -1,4 +1,4 @@
-"""Refusal geometry: concept cone, alignment imprint, cross-layer alignment (SCIENCE.md).
+"""Refusal geometry: concept cone, alignment imprint, cross-layer alignment (docs/science.md).
 
 Everything here is descriptive (numpy, scipy ranks). Shapes: harmful activations
 ``[n, L, d]`` (or ``[n, d]`` for one site), harmless ``[m, L, d]``, per-layer
@@ -38,14 +38,14 @@ from probes.stats import (
     spearman,
 )
 
-# SCIENCE.md, "Concept cone": geometry label thresholds.
+# docs/science.md, "Concept cone": geometry label thresholds.
 LINEAR_MIN_MEAN_ABS_COS = 0.9
 LINEAR_MAX_DIMENSION = 1.5
 POLYHEDRAL_MAX_MEAN_ABS_COS = 0.8
 POLYHEDRAL_MIN_DIMENSION = 2.0
-# SCIENCE.md, "DETECTED_PROCEEDS": cross-layer clusters at |cos| >= 0.85.
+# docs/science.md, "DETECTED_PROCEEDS": cross-layer clusters at |cos| >= 0.85.
 ALIGNMENT_ABS_COS_THRESHOLD = 0.85
-# SCIENCE.md, "Alignment imprint": tail bias uses the last 25 % of layers.
+# docs/science.md, "Alignment imprint": tail bias uses the last 25 % of layers.
 TAIL_FRACTION = 0.25
 # Permutation statistics within this relative distance of the observed value are
 # ties (they differ only by floating-point rounding in the Gram computation).
@@ -378,7 +378,7 @@ def permutation_test(observed: float, null: npt.ArrayLike) -> PermutationTest:
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class ConeStatistics:
-    """Concept-cone summary of one layer (SCIENCE.md, "Concept cone").
+    """Concept-cone summary of one layer (docs/science.md, "Concept cone").
 
     Intervals and permutation tests are ``None`` when not requested. Bootstrap:
     prompts are resampled with replacement within each harmful category and,
@@ -716,7 +716,7 @@ def ablation_specificity(
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class AlignmentImprint:
-    """Geometric features of per-layer refusal directions r_l (SCIENCE.md).
+    """Geometric features of per-layer refusal directions r_l (docs/science.md).
 
     ``gini``: Gini of ||r_l||; ``effective_rank``: exp(entropy) of s^2 / sum s^2
     of the stacked unit r̂_l; ``spectral_decay``: ln(s_max / s_min) (inf when the
@@ -995,7 +995,7 @@ def cross_layer_alignment(
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class ProceedLocalisation:
-    """One layer of the DETECTED_PROCEEDS localisation (SCIENCE.md).
+    """One layer of the DETECTED_PROCEEDS localisation (docs/science.md).
 
     ``detection_auc``: AUC of the projection, harmful vs harmless.
     ``decision_auc``: among harmful prompts, AUC refused vs complied (nan when one

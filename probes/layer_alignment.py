@@ -3,7 +3,7 @@
 Shared by the experiments that need it (the concept cone, DETECTED_PROCEEDS layer
 localisation): call :func:`layer_alignment` for the numbers and
 :func:`record_cross_layer` to put them in a report, instead of re-deriving either.
-Definitions: SCIENCE.md, "DETECTED_PROCEEDS" (|cos| matrix of r̂_l, persistence, clusters
+Definitions: docs/science.md, "DETECTED_PROCEEDS" (|cos| matrix of r̂_l, persistence, clusters
 at |cos| >= 0.85); the function is :func:`probes.geometry.cross_layer_alignment`.
 
 Layers whose r_l is zero (``resid_pre`` of layer 0 at the last token is the embedding of

@@ -1,4 +1,4 @@
-"""Per-token monitoring: project every generated token's activation on a direction (seed 002).
+"""Per-token monitoring: project every generated token's activation on a direction.
 
 The projections are read *during* generation by forward hooks, so monitoring costs no
 second forward pass. Generation runs the prompt through the model (the prefill,

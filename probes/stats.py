@@ -203,7 +203,7 @@ def welch_t(a: npt.ArrayLike, b: npt.ArrayLike) -> tuple[float, float]:
 def cohens_d(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     """(mean(a) - mean(b)) / sqrt((s_a^2 + s_b^2) / 2), sample SDs with ddof=1.
 
-    The unweighted pooled SD of SCIENCE.md. ``nan`` when a group has < 2 values or
+    The unweighted pooled SD of docs/science.md. ``nan`` when a group has < 2 values or
     when the pooled SD and the mean difference are both zero; ``±inf`` when only
     the pooled SD is zero.
     """

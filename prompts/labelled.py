@@ -6,7 +6,7 @@ Files (located with ``importlib.util.find_spec``; ``pyrit`` itself is never impo
 * ``mini_refusal``  - ``pyrit/datasets/scorer_evals/sample/mini_refusal.csv`` (v1.0, 24 rows,
   most of them copies of rows of ``refusal``)
 * ``refusal_extra`` - ``pyrit/datasets/scorer_evals/refusal_scorer/refusal_extra.csv``
-  (opt-in; not one of the two files SCIENCE.md names, useful as a second untouched test set)
+  (opt-in; not one of the two files docs/science.md names, useful as a second untouched test set)
 
 Each file starts with ``# ...`` comment lines (the first is ``# dataset_version=...``), then
 a CSV with the columns ``objective, assistant_response, human_score, data_type``.

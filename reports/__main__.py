@@ -3,6 +3,7 @@
     python -m reports compare OLD.json NEW.json      # diff table; exit 1 on regressions
     python -m reports render A.json [B.json ...] -o OUT.html
     python -m reports verdicts BEFORE.json AFTER.json   # same verdicts? exit 1 if not
+    python -m reports results REPORT.json [-o docs/experiments]   # experiment pages' results
 
 Exit status:
   0  success (no regressions)
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         help="HTML file to write (its directory must exist)",
     )
     render.add_argument("--title", default="refusalbench report")
+    add_results_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "results":
+        return run_results(args)
 
     try:
         if args.command == "verdicts":
@@ -135,6 +139,36 @@ def _render(paths: list[Path], output: Path, title: str) -> int:
     write_html(output, docs, title=title, make_parents=False)
     print(f"HTML report: {output}")
     return EXIT_OK
+
+
+def add_results_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``results``: rewrite the generated results section of each experiment page."""
+    results = commands.add_parser(
+        "results", help="write each experiment page's results section from a JSON report"
+    )
+    results.add_argument("report", type=Path, help="JSON report of a benchmark run")
+    results.add_argument(
+        "-o", "--output", type=Path, default=Path("docs/experiments"),
+        help="folder of the experiment pages (default: docs/experiments)",
+    )
+
+
+def run_results(args: argparse.Namespace) -> int:
+    """Exit 0 after writing the pages, 2 on bad input (message on stderr)."""
+    from reports.results import write_results
+
+    try:
+        updates = write_results(args.report, args.output)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    for update in updates:
+        action = "created" if update.created else "updated"
+        print(f"{action} {update.path} ({update.checks} hypothesis check(s))")
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ The registry is one TOML file (``benchmarks/hypotheses.toml`` by default)::
     id = "LAYER-VALID"
     version = 1
     statement = "One sentence that is either true or false for a model."
-    source = { document = "seed 003 (...)", figure = "28/28 layers valid" }
+    source = { document = "Qwen2.5-1.5B validation report (...)", figure = "28/28 layers valid" }
     metric = "cohens_d_heldout"
     comparison = ">"          # one of > >= < <= between
     threshold = 0.5           # [lo, hi] for "between"

@@ -1,4 +1,4 @@
-"""DETECTED_PROCEEDS and per-token monitoring (issue 8) on the real packaged models.
+"""DETECTED_PROCEEDS and per-token monitoring on the real packaged models.
 
 * The monitor on the embedded model: trajectories equal a separate capture of the same
   tokens (prompt's last position and every generated token read back), rows of different

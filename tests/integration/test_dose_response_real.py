@@ -1,4 +1,4 @@
-"""The dose-response benchmark (issue 5) runs end to end on the embedded model, small.
+"""The dose-response benchmark runs end to end on the embedded model, small.
 
 A pytest subprocess runs ``benchmarks/test_dose_response.py`` with 3 raw alphas, 3 ratio
 alphas, 4 + 4 generation prompts and 16 new tokens; the checks read its JSON report.

@@ -1,4 +1,4 @@
-"""The geometry benchmarks (issue 7) run end to end on the real packaged models.
+"""The geometry benchmarks run end to end on the real packaged models.
 
 Each run is a pytest subprocess on ``benchmarks/test_concept_cone.py`` and
 ``benchmarks/test_alignment_imprint.py`` with ``--profile quick``; the checks read its JSON

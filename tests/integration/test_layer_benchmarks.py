@@ -1,4 +1,4 @@
-"""The per-layer experiment (issue 4) end to end on the embedded model, --profile quick.
+"""The per-layer experiment end to end on the embedded model, --profile quick.
 
 Runs benchmarks/test_layer_significance.py, test_extraction_methods.py and test_transfer.py
 in a pytest subprocess and checks the JSON report's shape: every hypothesis is judged, the

@@ -44,7 +44,7 @@ def test_quick_run_on_a_tiny_model(tmp_path: Path) -> None:
     run = (json.loads(out.read_text()), proc.stdout)
     check_document_has_provenance(run)
     check_every_figure_is_complete(run)
-    check_issue2_and_issue5_figures(run)
+    check_foundation_and_generation_figures(run)
     check_activation_peers_agree_or_explain(run, "tl", "transformer_lens")
     check_activation_peers_agree_or_explain(run, "sv", "steering_vectors")
     check_steering_and_abliteration_parity(run)
@@ -87,7 +87,7 @@ def check_every_figure_is_complete(run: tuple[dict[str, Any], str]) -> None:
     assert (MODEL, "gen.speedup_bs32_over_bs1") in targets
 
 
-def check_issue2_and_issue5_figures(run: tuple[dict[str, Any], str]) -> None:
+def check_foundation_and_generation_figures(run: tuple[dict[str, Any], str]) -> None:
     doc, _ = run
     f = _figures(doc)
     assert f["load.cold_s"]["status"] == "skipped"  # a tiny model has no GGUF

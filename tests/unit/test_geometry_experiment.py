@@ -1,4 +1,4 @@
-"""Tests of the geometry pieces the concept-cone and imprint experiments add (issue 7):
+"""Tests of the geometry pieces the concept-cone and imprint experiments add:
 bootstrap intervals, layer filtering, depth trends, ablation specificity, provider
 distances, invariances of the cone statistics, and the experiments' prompt selection."""
 
