@@ -1,0 +1,229 @@
+"""Users' own prompt sets and model-loading options, performed end to end.
+
+``--harmful``/``--harmless`` replace the built-in sets in every experiment; bad files are
+usage errors before any model loads; the default run draws exactly the sets it always drew.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.options import PROFILES, parse_alphas, parse_layers
+from fixtures.prompt_sources import PromptSources, load_sources
+from fixtures.workbench import SPLIT_FRACTIONS, BenchConfig, Progress, Workbench
+from probes.cache import ActivationCache
+from probes.errors import PromptSetError
+from prompts import advbench, harmless, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
+TINY_SIZES = ["--profile", "quick", "--n-train", "8", "--n-prompts", "8", "--n-gen", "4",
+              "--max-new-tokens", "4"]
+CATS = ("weapons", "fraud", "hacking", "drugs")
+
+
+def _config(sources: PromptSources | None = None, seed: int = 0) -> BenchConfig:
+    extra = {} if sources is None else {"prompt_sources": sources}
+    return BenchConfig(
+        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
+        ratio_alphas=parse_alphas("0"), n_train=64, n_eval=64, n_gen=20, max_new_tokens=4,
+        n_boot=10, seed=seed, device="cpu", dtype="float32", cache_dir=None, use_cache=False,
+        profile="full", chat_template="auto", batch_size=4, defaults=PROFILES["full"], **extra)
+
+
+def _bench(cfg: BenchConfig, tmp_path: Path) -> Workbench:
+    # the prompt methods never touch the model: none is loaded
+    return Workbench(None, cfg, ActivationCache(tmp_path), Progress())  # type: ignore[arg-type]
+
+
+def _write_harmful_csv(path: Path, n: int = 40, column: str = "prompt") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow([column, "cat"])
+        for i in range(n):
+            w.writerow([f"Explain how to commit harmful act {i} ({CATS[i % 4]})", CATS[i % 4]])
+    return path
+
+
+def _write_harmless_jsonl(path: Path, n: int = 40, column: str = "prompt") -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            fh.write(json.dumps({column: f"Write a short note about pleasant topic {i}",
+                                 "cat": ("food", "travel")[i % 2]}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- the default
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_default_sets_are_exactly_the_old_ones(tmp_path: Path, seed: int) -> None:
+    """No option: the same AdvBench/harmless splits and samples, hash for hash, as the
+    Workbench drew before the options existed (computed here the old way)."""
+    bench = _bench(_config(seed=seed), tmp_path)
+    adv, safe = advbench(), harmless()
+    h_split = adv.split(seed, SPLIT_FRACTIONS, stratify="category")
+    b_split = safe.where("language", "en").split(seed, SPLIT_FRACTIONS, stratify="topic")
+    old = {
+        "train": (h_split.train.sample(64, seed, "category"),
+                  b_split.train.sample(64, seed, "topic")),
+        "eval": (h_split.test.sample(64, seed, "category"),
+                 b_split.test.sample(64, seed, "topic")),
+        "gen": (h_split.val.sample(20, seed, "category"), b_split.val.sample(20, seed, "topic")),
+    }
+    new = {"train": bench.train_pair(), "eval": bench.eval_pair(), "gen": bench.gen_pair()}
+    for kind in old:
+        assert [p.sha256 for p in new[kind]] == [p.sha256 for p in old[kind]], kind
+        assert [p.name for p in new[kind]] == [p.name for p in old[kind]], kind
+    assert bench.harmful_all.sha256 == adv.sha256
+    assert bench.harmless_all.sha256 == safe.sha256
+    assert bench.extra_harmful is not None and bench.extra_harmful.name == "harmbench"
+    assert (bench.harmful_label, bench.harmless_label, bench.has_languages) == (
+        "category", "topic", True)
+    assert load_sources(None, None, "text", None).is_default
+
+
+# --------------------------------------------------------------------------- user sets
+
+
+def test_user_sets_replace_the_defaults_and_stratify_by_their_column(tmp_path: Path) -> None:
+    harm = _write_harmful_csv(tmp_path / "mine.csv")
+    safe = _write_harmless_jsonl(tmp_path / "other.jsonl")
+    sources = load_sources(str(harm), str(safe), "prompt", "cat")
+    bench = _bench(_config(sources), tmp_path)
+    h, b = bench.train_pair()
+    assert all("harmful act" in t for t in h.texts)
+    assert all("pleasant topic" in t for t in b.texts)
+    assert bench.harmful_label == "category" and bench.harmless_label == "category"
+    assert set(bench.harmful_split.train.label("category")) == set(CATS)  # stratified
+    assert bench.extra_harmful is None and not bench.has_languages
+    assert bench.harmful_all.source == str(harm.resolve())
+    # without --category-column: unstratified, no labels
+    plain = _bench(_config(load_sources(str(harm), str(safe), "prompt", None)), tmp_path)
+    assert plain.harmful_label is None and plain.harmless_label is None
+    assert len(plain.train_pair()[0]) == len(bench.harmful_split.train)  # fewer than 64
+
+
+def test_user_txt_file_and_builtin_harmbench_as_harmful(tmp_path: Path) -> None:
+    txt = tmp_path / "safe.txt"
+    txt.write_text("\n".join(f"Describe a calm lake, version {i}" for i in range(20)) + "\n")
+    sources = load_sources("harmbench", str(txt), "text", None)
+    bench = _bench(_config(sources), tmp_path)
+    assert bench.harmful_all.name == "harmbench" and bench.harmful_label is None
+    assert bench.extra_harmful is None  # HarmBench is the harmful set itself now
+    assert len(bench.harmless_all) == 20
+
+
+@pytest.mark.parametrize(
+    ("harmful", "harmless", "category", "message"),
+    [
+        ("missing_col.csv", None, None, r"--harmful: .*has no column\(s\) prompt.*--prompt-column"),
+        ("empty.csv", None, None, r"--harmful: .*holds no prompts"),
+        ("mine.csv", "overlap.jsonl", None, r"also appear in"),
+        ("mine.csv", None, "nocat", r"no column\(s\) nocat.*--category-column"),
+        ("mine.csv", "safe.txt", "cat", r"--harmless: .*\.txt file: it .* no category column"),
+        ("nope.csv", None, None, r"--harmful: .*does not exist"),
+        ("mine.parquet", None, None, r"not a built-in set"),
+        ("org/data:train:text", None, None, r"needs the package 'datasets'|cannot read"),
+    ],
+)
+def test_bad_prompt_sources_are_clear_errors(tmp_path: Path, harmful: str, harmless: str | None,
+                                             category: str | None, message: str) -> None:
+    _write_harmful_csv(tmp_path / "mine.csv")
+    _write_harmful_csv(tmp_path / "missing_col.csv", column="text")
+    (tmp_path / "empty.csv").write_text("prompt,cat\n")
+    (tmp_path / "safe.txt").write_text("Bake bread\nPlant a tree\n")
+    with open(tmp_path / "overlap.jsonl", "w") as fh:  # one prompt of mine.csv, recased
+        fh.write(json.dumps({"prompt": "EXPLAIN how to commit harmful act 3 (drugs)!"}) + "\n")
+        fh.write(json.dumps({"prompt": "Bake bread"}) + "\n")
+    spec = harmful if ":" in harmful else str(tmp_path / harmful)
+    with pytest.raises(PromptSetError, match="(?s)" + message):
+        load_sources(spec, None if harmless is None else str(tmp_path / harmless), "prompt",
+                     category)
+
+
+def test_hf_dataset_spec_without_the_package_says_to_install_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real(name, *a))
+    with pytest.raises(PromptSetError, match=r"needs the package 'datasets'") as info:
+        load_spec("org/prompts:train:text", option="--harmful")
+    assert "pip install datasets" in info.value.hint
+
+
+# --------------------------------------------------------------------------- the plugin
+
+
+def _run_pytest(args: list[str], cwd: Path, timeout: int = 600
+                ) -> subprocess.CompletedProcess[str]:
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (["--harmful", "{d}/missing_col.csv"], "has no column(s) prompt"),
+        (["--harmful", "{d}/empty.csv"], "holds no prompts"),
+        (["--harmful", "{d}/mine.csv", "--harmless", "{d}/overlap.jsonl"], "also appear in"),
+    ],
+)
+def test_bad_prompt_files_are_usage_errors_before_any_model_loads(
+        pytester: pytest.Pytester, files: list[str], message: str) -> None:
+    d = pytester.path
+    _write_harmful_csv(d / "mine.csv")
+    _write_harmful_csv(d / "missing_col.csv", column="text")
+    (d / "empty.csv").write_text("prompt,cat\n")
+    (d / "overlap.jsonl").write_text(
+        json.dumps({"prompt": "explain how to commit harmful act 3 (drugs)"}) + "\n")
+    pytester.makeconftest(ROOT_CONFTEST)
+    pytester.makepyfile(test_b="def test_one(bench):\n    assert False\n")
+    result = pytester.runpytest_subprocess(
+        "--model", "tiny-llama",
+        "--prompt-column", "prompt", *[f.format(d=d) for f in files], "--no-report")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert message in err
+    assert "[model] loading" not in result.stdout.str()  # refused before any model load
+
+
+def test_every_experiment_runs_on_user_prompt_files(tmp_path: Path) -> None:
+    """``pytest benchmarks --harmful my.csv --harmless other.jsonl``: every experiment
+    runs (passes, fails as a measured result, or skips with the option it needs); nothing
+    errors, and the report names the files as the sets' source."""
+    harm = _write_harmful_csv(tmp_path / "my.csv")
+    safe = _write_harmless_jsonl(tmp_path / "other.jsonl")
+    report = tmp_path / "r.json"
+    proc = _run_pytest([str(ROOT / "benchmarks"), "--model", "tiny-llama", "--harmful",
+                        str(harm), "--harmless", str(safe), "--prompt-column", "prompt",
+                        *TINY_SIZES, "--report-json", str(report),
+                        "--report-html", str(tmp_path / "r.html"), "-q"], cwd=ROOT)
+    assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    by_outcome: dict[str, list[str]] = {}
+    for t in data["tests"]:
+        by_outcome.setdefault(t["outcome"], []).append(t["nodeid"])
+    modules = {t["nodeid"].split("::")[0] for t in data["tests"]}
+    assert len(modules) == len(list((ROOT / "benchmarks").glob("test_*.py")))
+    assert "error" not in by_outcome, by_outcome.get("error")
+    for t in data["tests"]:  # a failure is a hypothesis verdict, not a crash
+        # (the multi-layer dose-response check meets a NaN total on the random tiny model
+        # with the built-in sets too)
+        if t["outcome"] == "failed" and "multi_layer_vs_single" not in t["nodeid"]:
+            assert "HypothesisFailure" in json.dumps(t), t["nodeid"]
+    skipped = " ".join(c.get("reason") or "" for t in data["tests"] for c in t["checks"])
+    assert "pass --category-column" in skipped  # concept cone and cross-category
+    assert "--harmful replaced AdvBench" in skipped  # HarmBench transfer
+    sources = {p.get("source") for p in data["provenance"]["prompt_sets"]}
+    assert {str(harm.resolve()), str(safe.resolve())} <= sources
+    assert not any("advbench" in (p["name"]) for p in data["provenance"]["prompt_sets"])
