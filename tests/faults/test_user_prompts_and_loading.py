@@ -227,3 +227,131 @@ def test_every_experiment_runs_on_user_prompt_files(tmp_path: Path) -> None:
     sources = {p.get("source") for p in data["provenance"]["prompt_sets"]}
     assert {str(harm.resolve()), str(safe.resolve())} <= sources
     assert not any("advbench" in (p["name"]) for p in data["provenance"]["prompt_sets"])
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def _save_tiny(directory: Path) -> Path:
+    from probes.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def test_model_arg_values_parse_as_json_else_strings() -> None:
+    from fixtures.options import parse_model_args
+
+    args = parse_model_args(["device_map=auto", "load_in_4bit=true", "revision=main",
+                             'max_memory={"cpu": "2GiB"}', "n=3"])
+    assert args == {"device_map": "auto", "load_in_4bit": True, "revision": "main",
+                    "max_memory": {"cpu": "2GiB"}, "n": 3}
+    for bad, match in [("device_map", "key=value"), ("=x", "key=value"),
+                       ("a-b=1", "key=value")]:
+        with pytest.raises(ValueError, match=match):
+            parse_model_args([bad])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_model_args(["a=1", "a=2"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model-arg", "device_map"], "write key=value"),
+    (["--model-arg", "dtype=float16"], "use --dtype instead"),
+])
+def test_bad_model_args_are_usage_errors(pytester: pytest.Pytester, args: list[str],
+                                         message: str) -> None:
+    pytester.makeconftest(ROOT_CONFTEST)
+    pytester.makepyfile(test_b="def test_one(bench):\n    assert False\n")
+    result = pytester.runpytest_subprocess("--model", "tiny-llama", *args, "--no-report")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+def test_model_args_reach_from_pretrained_and_the_fingerprint(tmp_path: Path) -> None:
+    from probes.models import load
+
+    d = _save_tiny(tmp_path / "m")
+    cache = tmp_path / "cache"
+    plain = load(str(d), cache_dir=cache)
+    placed = load(str(d), cache_dir=cache, model_args={"device_map": "cpu"})
+    eager = load(str(d), cache_dir=cache, model_args={"attn_implementation": "eager"})
+    rev = load(str(d), cache_dir=cache, model_args={"revision": "v2"})
+    assert eager.model.config._attn_implementation == "eager"
+    # placement changes no number: same fingerprint, same caches
+    assert placed.fingerprint == plain.fingerprint
+    # what can change numbers (attention kernel, revision) makes another model identity
+    assert len({plain.fingerprint, eager.fingerprint, rev.fingerprint}) == 3
+    assert eager.info["model_args"] == {"attn_implementation": "eager"}
+    assert "model_args" not in plain.info
+
+
+def test_quantisation_without_bitsandbytes_is_a_clear_error(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import importlib.util
+
+    from probes.errors import ModelFileError
+    from probes.models import load
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    d = _save_tiny(tmp_path / "m")
+    with pytest.raises(ModelFileError, match="needs the package bitsandbytes"):
+        load(str(d), cache_dir=tmp_path / "c", model_args={"load_in_4bit": True})
+
+
+def test_tiny_models_take_no_loading_arguments() -> None:
+    from probes.errors import ModelNotFound
+    from probes.models import load
+
+    with pytest.raises(ModelNotFound, match="takes no loading arguments"):
+        load("tiny-llama", model_args={"device_map": "cpu"})
+
+
+def test_hub_ids_download_only_with_allow_download(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline by default; ``allow_download`` asks huggingface_hub for a download (stubbed
+    here: no test downloads anything)."""
+    import huggingface_hub
+
+    from probes.errors import ModelNotFound
+    from probes.models import load
+
+    d = _save_tiny(tmp_path / "snapshot")
+    calls: list[tuple[str, object, bool]] = []
+
+    def fake_snapshot(repo: str, revision: object = None, local_files_only: bool = False
+                      ) -> str:
+        calls.append((repo, revision, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        return str(d)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    with pytest.raises(ModelNotFound, match="never downloads unless --allow-download") as info:
+        load("someorg/some-model", cache_dir=tmp_path / "c")
+    assert "--allow-download" in info.value.hint
+    lm = load("someorg/some-model", cache_dir=tmp_path / "c", allow_download=True,
+              model_args={"revision": "abc123"})
+    assert calls == [("someorg/some-model", None, True),
+                     ("someorg/some-model", "abc123", False)]
+    assert lm.info["model_args"] == {"revision": "abc123"}
+
+
+def test_model_args_appear_in_the_report(pytester: pytest.Pytester) -> None:
+    d = _save_tiny(pytester.path / "m")
+    pytester.makeconftest(ROOT_CONFTEST)
+    pytester.makepyfile(test_b="def test_one(bench, measure):\n"
+                               "    bench.record_model(measure)\n")
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        "--model", str(d), "--model-arg", "attn_implementation=eager", "--model-arg",
+        "device_map=cpu", "--report-json", str(report), "--report-html",
+        str(pytester.path / "r.html"))
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    models = json.loads(report.read_text())["provenance"]["models"]
+    assert models[0]["info"]["model_args"] == {"attn_implementation": "eager",
+                                               "device_map": "cpu"}
