@@ -121,7 +121,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the first parameter that holds data: see
+        :func:`probes.capture.model_device`)."""
+        from probes.capture import model_device
+
+        return model_device(self.model)
 
     def format(self, instructions: list[str]) -> list[str]:
         return self.chat.format_all(instructions)
