@@ -243,7 +243,7 @@ def _config_digest(config: Any) -> str:
 
 def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
     """Dequantise a GGUF once and save it as a plain safetensors HF directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to a safetensors cache (one time, about a minute)", gguf.name)
     try:
@@ -257,13 +257,7 @@ def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
             "check that the file is a complete GGUF of a supported architecture; "
             "re-download or reinstall it",
         ) from exc
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**config.to_dict())
-    fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-        config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh = _plain_model_over(loaded)
     del loaded
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
@@ -285,6 +279,50 @@ def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _plain_model_over(loaded: Any) -> Any:
+    """A model of the plain (unquantised) config of a GGUF-loaded ``loaded`` that holds
+    ``loaded``'s own weight tensors: built on the ``meta`` device and given the tensors with
+    ``assign=True``, so no second float32 copy of the weights is ever allocated (the peak
+    memory of a conversion is one model, not two). The saved files are those of a fresh
+    model loaded with the same state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()
+    return fresh
+
+
+def gguf_identity(path: Path) -> tuple[str | None, str | None]:
+    """``(name, provider)`` from a GGUF's metadata: ``general.name``, and
+    ``general.organization`` (else ``general.author``); None for a field that is absent or
+    a file the ``gguf`` reader cannot parse. Reads the header only (memory-mapped)."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+    except Exception:  # no gguf package, or a file it cannot parse: fall back to the name
+        return None, None
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        if field is None or not field.data:
+            return None
+        try:
+            value = bytes(field.parts[field.data[0]]).decode("utf-8").strip()
+        except (UnicodeDecodeError, TypeError, IndexError):
+            return None
+        return value or None
+
+    return text("general.name"), text("general.organization") or text("general.author")
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -626,8 +664,10 @@ def _load(
 
         out_dir, meta = _ensure_converted(f"{path.stem}-{sha[:16]}", make_local, root)
         model, tok = _load_hf_dir(out_dir, torch_dtype, device, args)
-        return _finish(path.stem, spec, model, tok, meta["fingerprint"], None, None,
-                       str(path), torch_dtype, t0, chat_template)
+        name, provider = gguf_identity(path)  # reports name the model, not the file
+        return _finish(name or path.stem, spec, model, tok, meta["fingerprint"], provider,
+                       None, str(path), torch_dtype, t0, chat_template,
+                       {"file_name": path.name})
 
     if path.is_dir():
         if not (path / "config.json").is_file():

