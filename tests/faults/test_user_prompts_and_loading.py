@@ -419,3 +419,48 @@ def test_packaged_gguf_metadata_names_smollm2() -> None:
     path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     name, provider = gguf_identity(path)
     assert provider == "HuggingFaceTB" and name is not None and "Smollm2" in name
+
+
+# --------------------------------------------------------------------------- batch size
+
+
+def test_auto_batch_size_rule() -> None:
+    from fixtures.options import auto_batch_size, parse_batch_size
+
+    assert parse_batch_size("auto") is None and parse_batch_size("16") == 16
+    with pytest.raises(ValueError, match="positive integer"):
+        parse_batch_size("0")
+    # the embedded model's shape (24 layers, d 896, 2 KV heads of 64), bfloat16
+    shape = {"n_layers": 24, "d_model": 896, "kv_width": 128, "dtype_bytes": 2}
+    assert auto_batch_size("cpu", None, **shape) == 64  # the CPU default
+    assert auto_batch_size("cuda", None, **shape) == 64  # free memory unknown
+    assert auto_batch_size("cuda", 100 * 2**30, **shape) == 256  # capped
+    assert auto_batch_size("cuda", 2**30, **shape) == 32  # 0.5 GiB / 13 MiB per prompt
+    assert auto_batch_size("cuda", 2**20, **shape) == 8  # floor
+
+
+def test_batch_size_auto_on_the_cpu_is_the_default_and_reported(pytester: pytest.Pytester
+                                                                 ) -> None:
+    pytester.makeconftest(ROOT_CONFTEST)
+    pytester.makepyfile(test_b="def test_one(bench, measure):\n"
+                               "    bench.record_model(measure)\n"
+                               "    assert bench.cfg.batch_size == 64\n")
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("--model", "tiny-llama", "--batch-size", "auto",
+                                           "--report-json", str(report), "--report-html",
+                                           str(pytester.path / "r.html"))
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    assert "--batch-size auto chose 64" in result.stdout.str()
+    models = json.loads(report.read_text())["provenance"]["models"]
+    assert models[0]["info"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_a_gpu_follows_its_bfloat16_support(
+        monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: torch.dtype) -> None:
+    from probes.models import auto_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert auto_dtype("cuda") == expected
+    assert auto_dtype("cuda:1") == expected
