@@ -111,6 +111,20 @@ def test_user_sets_replace_the_defaults_and_stratify_by_their_column(tmp_path: P
     assert len(plain.train_pair()[0]) == len(bench.harmful_split.train)  # fewer than 64
 
 
+def test_category_column_is_optional_for_the_harmless_set(tmp_path: Path) -> None:
+    """Categories stratify a harmless set when it has them; one without (a .txt, a CSV
+    without the column) is read unstratified instead of refused."""
+    harm = _write_harmful_csv(tmp_path / "mine.csv")
+    txt = tmp_path / "safe.txt"
+    txt.write_text("Bake bread\nPlant a tree\nSing a song\n")
+    plain_csv = tmp_path / "safe.csv"
+    plain_csv.write_text("prompt\nBake bread\nPlant a tree\n")
+    for safe in (txt, plain_csv):
+        sources = load_sources(str(harm), str(safe), "prompt", "cat")
+        assert sources.harmful().labels.keys() == {"category"}
+        assert not sources.harmless().labels
+
+
 def test_user_txt_file_and_builtin_harmbench_as_harmful(tmp_path: Path) -> None:
     txt = tmp_path / "safe.txt"
     txt.write_text("\n".join(f"Describe a calm lake, version {i}" for i in range(20)) + "\n")
@@ -128,7 +142,7 @@ def test_user_txt_file_and_builtin_harmbench_as_harmful(tmp_path: Path) -> None:
         ("empty.csv", None, None, r"--harmful: .*holds no prompts"),
         ("mine.csv", "overlap.jsonl", None, r"also appear in"),
         ("mine.csv", None, "nocat", r"no column\(s\) nocat.*--category-column"),
-        ("mine.csv", "safe.txt", "cat", r"--harmless: .*\.txt file: it .* no category column"),
+        ("safe.txt", None, "cat", r"--harmful: .*\.txt file: it .* no category column"),
         ("nope.csv", None, None, r"--harmful: .*does not exist"),
         ("mine.parquet", None, None, r"not a built-in set"),
         ("org/data:train:text", None, None, r"needs the package 'datasets'|cannot read"),
