@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_hf_dataset_spec_without_the_package_says_to_install_it(
 
 def _run_pytest(args: list[str], cwd: Path, timeout: int = 600
                 ) -> subprocess.CompletedProcess[str]:
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
