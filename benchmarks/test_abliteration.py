@@ -92,15 +92,15 @@ def _cached_json(bench: Workbench, kind: str, key: dict[str, Any],
 @cache
 def _selection(bench: Workbench) -> Selection:
     t0 = time.perf_counter()
-    cfg, s = bench.cfg, bench.cfg.seed
+    cfg = bench.cfg
     n_train = max(cfg.n_train, MIN_TRAIN)
-    train = (bench.harmful_split.train.sample(n_train, s, "category"),
-             bench.harmless_split.train.sample(n_train, s, "topic"))
+    train = (bench.sample_harmful(bench.harmful_split.train, n_train),
+             bench.sample_harmless(bench.harmless_split.train, n_train))
     n_val = max(cfg.n_eval // 2, 8)
-    val = (bench.harmful_split.val.sample(n_val, s, "category"),
-           bench.harmless_split.val.sample(n_val, s, "topic"))
+    val = (bench.sample_harmful(bench.harmful_split.val, n_val),
+           bench.sample_harmless(bench.harmless_split.val, n_val))
     n_sweep = max(cfg.n_eval // 8, 4)
-    sweep_sets = (val[0].sample(n_sweep, s, "category"), val[1].sample(n_sweep, s, "topic"))
+    sweep_sets = (bench.sample_harmful(val[0], n_sweep), bench.sample_harmless(val[1], n_sweep))
     raw = mean_diff_per_layer(bench.acts(train[0]).numpy(), bench.acts(train[1]).numpy())
     aucs = projection_auc(raw, bench.acts(val[0]).numpy(), bench.acts(val[1]).numpy())
     tied = max_auc_layers(aucs)
@@ -133,11 +133,11 @@ def _selection(bench: Workbench) -> Selection:
 
 
 def _test_sets(bench: Workbench) -> tuple[PromptSet, PromptSet]:
-    cfg, s = bench.cfg, bench.cfg.seed
+    cfg = bench.cfg
     min_h, min_b = cfg.defaults.ablation_min_test
     n_h, n_b = max(min_h, cfg.n_gen), max(min_b, cfg.n_gen)
-    return (bench.harmful_split.test.sample(n_h, s, "category"),
-            bench.harmless_split.test.sample(n_b, s, "topic"))
+    return (bench.sample_harmful(bench.harmful_split.test, n_h),
+            bench.sample_harmless(bench.harmless_split.test, n_b))
 
 
 @cache
@@ -187,7 +187,7 @@ def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:
     bench.record_model(measure, *sel.train, *sel.val)
     record_selection(bench.lm.n_layers, measure, sel)
     out = _outcome(bench)
-    measure.prompts(out.harmful.name, out.harmful.sha256, len(out.harmful))
+    bench.record_prompts(measure, out.harmful)
     measure.texts("edit", [{"key": out.key, "layer": str(out.layer),
                             "norm_preserve": str(NORM_PRESERVE), "writers": "all"}])
     before, after = refusal_judge(out.before_h.texts), refusal_judge(out.after_h.texts)
@@ -199,8 +199,9 @@ def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:
     measure.metric("mcnemar_p_refusal_drop", mcnemar_one_sided_p(before, after, "drop"), n=n)
     measure.metric("generation_seconds", out.before_h.seconds + out.after_h.seconds
                    + out.before_b.seconds + out.after_b.seconds, units="s")
-    cats = sorted(set(out.harmful.label("category")))
-    labels = np.array(out.harmful.label("category"))
+    # a --harmful set without categories has the "all" row only
+    labels = np.array(out.harmful.labels.get("category", ("all",) * n))
+    cats = sorted(set(labels.tolist()) - {"all"})
     series: dict[str, list[float]] = {"before": [], "after": []}
     errors: dict[str, tuple[list[float], list[float]]] = {"before": ([], []),
                                                           "after": ([], [])}

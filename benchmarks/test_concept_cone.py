@@ -75,12 +75,17 @@ SEED = {"dimension": 3.96, "mean_cos": 0.132, "most_polyhedral_layer": 2,
         "most_linear_layer": 15, "mean_dimension_all_layers": 3.88, "cap_formula_3d": 2.89}
 
 
+NO_CATEGORIES = ("the concept cone needs harm categories: pass --category-column NAME with a "
+                 "--harmful file that has that column")
+
+
 @cache
 def cone(bench: Workbench) -> Cone:
     """Cone statistics of every layer with bootstrap and permutation replicates."""
-    harmful = cone_prompts(bench.harmful_split, bench.cfg.defaults.cone_per_category,
-                           bench.cfg.seed)
     harmless = bench.train_pair()[1]
+    harmful = (None if bench.harmful_label is None else
+               cone_prompts(bench.harmful_split, bench.cfg.defaults.cone_per_category,
+                            bench.cfg.seed))
     if harmful is None:
         return Cone(None, harmless, [], [], {}, 0.0)
     h = bench.acts(harmful).numpy()  # [n, L, d]
@@ -102,8 +107,10 @@ def cone(bench: Workbench) -> Cone:
 def _start(bench: Workbench, data: Cone, measure: Any, hyp: str) -> PromptSet:
     """Record the model and prompts; skip (with the reason) when too few categories."""
     bench.record_model(measure, data.harmless)
+    if bench.harmful_label is None:
+        measure.skip(hyp, NO_CATEGORIES)
     if data.harmful is not None:
-        measure.prompts(data.harmful.name, data.harmful.sha256, len(data.harmful))
+        bench.record_prompts(measure, data.harmful)
         return data.harmful
     n = bench.cfg.defaults.cone_per_category
     measure.skip(hyp, f"fewer than {MIN_CATEGORIES} harm categories with {n} prompts in "
@@ -257,9 +264,11 @@ def test_cone_at_seed_sample_size(bench: Workbench, measure: Any) -> None:
     prompts already look POLYHEDRAL (the seed's label as a sampling artefact)?"""
     data = cone(bench)
     bench.record_model(measure, data.harmless)
+    if bench.harmful_label is None:
+        pytest.skip(NO_CATEGORIES)
     if data.harmful is None:
         pytest.skip(f"fewer than {MIN_CATEGORIES} harm categories for the concept cone")
-    measure.prompts(data.harmful.name, data.harmful.sha256, len(data.harmful))
+    bench.record_prompts(measure, data.harmful)
     cats, stats = seed_sized_cone(bench, data)
     layers = [ly for ly in data.layers if stats[ly].label is not GeometryLabel.UNDEFINED]
     rows, shares = [], []
@@ -348,7 +357,7 @@ def test_cone_causal(bench: Workbench, measure: Any) -> None:
     cats = list(data.stats[layer].categories)
     held = causal_prompts(bench.harmful_split.test, cats,
                           bench.cfg.defaults.cone_causal_per_category, bench.cfg.seed)
-    measure.prompts(held.name, held.sha256, len(held))
+    bench.record_prompts(measure, held)
     h = bench.acts(harmful, layers=[layer]).numpy()[:, 0]
     b = bench.acts(data.harmless, layers=[layer]).numpy()[:, 0]
     dirs = category_directions(h, harmful.label("category"), b)

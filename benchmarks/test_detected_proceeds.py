@@ -92,12 +92,14 @@ def _harmful_parts(bench: Workbench) -> list[tuple[str, PromptSet]]:
     val = bench.harmful_split.val
     taken = set(shared.texts)
     rest_idx = [i for i, t in enumerate(val.texts) if t not in taken]
-    parts = [("advbench-val", shared)]
+    name = bench.harmful_all.name
+    parts = [(f"{name}-val", shared)]
     if rest_idx and extra_val:
-        rest = val.subset(rest_idx, "advbench/val-rest")
-        parts.append(("advbench-val", rest.sample(extra_val * n_gen, seed, "category")))
-    if extra_hb:
-        parts.append(("harmbench", bench.harmbench.sample(extra_hb * n_gen, seed)))
+        rest = val.subset(rest_idx, f"{name}/val-rest")
+        parts.append((f"{name}-val", bench.sample_harmful(rest, extra_val * n_gen)))
+    extra = bench.extra_harmful  # HarmBench, unless --harmful replaced AdvBench
+    if extra_hb and extra is not None:
+        parts.append((extra.name, extra.sample(extra_hb * n_gen, seed)))
     return parts
 
 

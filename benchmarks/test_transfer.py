@@ -98,8 +98,10 @@ def _layer_acts(bench: Workbench, ps: PromptSet, layer: int) -> FloatArray:
 def _topic(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
     (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    assert bench.harmless_label is not None  # checked by the test (_needs)
     names, vary_train, vary_test, grp = split_by_label(
-        s_tr, s_te, "topic", _layer_acts(bench, s_tr, layer), _layer_acts(bench, s_te, layer))
+        s_tr, s_te, bench.harmless_label, _layer_acts(bench, s_tr, layer),
+        _layer_acts(bench, s_te, layer))
     return cross_matrix("harmless topic", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, h_tr, layer), _layer_acts(bench, h_te, layer),
                         vary_is_pos=False, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 11)
@@ -109,8 +111,10 @@ def _topic(bench: Workbench, method: Method) -> CrossMatrix:
 def _category(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
     (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    assert bench.harmful_label is not None  # checked by the test (_needs)
     names, vary_train, vary_test, grp = split_by_label(
-        h_tr, h_te, "category", _layer_acts(bench, h_tr, layer), _layer_acts(bench, h_te, layer))
+        h_tr, h_te, bench.harmful_label, _layer_acts(bench, h_tr, layer),
+        _layer_acts(bench, h_te, layer))
     return cross_matrix("harmful category", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, s_tr, layer), _layer_acts(bench, s_te, layer),
                         vary_is_pos=True, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 13)
@@ -135,7 +139,32 @@ def _language(bench: Workbench, method: Method) -> CrossMatrix:
 
 
 def _harmbench_set(bench: Workbench) -> PromptSet:
-    return bench.harmbench.sample(bench.cfg.n_eval, bench.cfg.seed)
+    extra = bench.extra_harmful
+    assert extra is not None  # checked by the test (_needs)
+    return extra.sample(bench.cfg.n_eval, bench.cfg.seed)
+
+
+def _needs(bench: Workbench, measure: Any, hyp: str, what: str) -> None:
+    """Skip ``hyp`` (recorded, with the reason) when the run's prompt sets lack what it
+    needs: labels a ``--harmful``/``--harmless`` set may not have, or HarmBench."""
+    reasons = {
+        "harmful categories": (bench.harmful_label is None,
+                               "needs harm categories: pass --category-column NAME with a "
+                               "--harmful file that has that column"),
+        "harmless topics": (bench.harmless_label is None,
+                            "needs harmless topics: pass --category-column NAME with a "
+                            "--harmless file that has that column"),
+        "languages": (not bench.has_languages,
+                      "needs the harmless set's language and translation-group labels, which "
+                      "the built-in harmless set has and a --harmless set does not"),
+        "harmbench": (bench.extra_harmful is None,
+                      "needs HarmBench as a second harmful set beside AdvBench; --harmful "
+                      "replaced AdvBench, so there is no second set to transfer to"),
+    }
+    missing, reason = reasons[what]
+    if missing:
+        bench.record_model(measure, *bench.train_pair())
+        measure.skip(hyp, reason)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -170,6 +199,7 @@ def _cross_check(bench: Workbench, measure: Any, hyp: str, label: str, metric: s
 @pytest.mark.claim("PROBE-CROSS-TOPIC")
 def test_cross_topic_harmless(bench: Workbench, measure: Any) -> None:
     """Fit with one harmless topic, test on the others (harmful side: whole AdvBench split)."""
+    _needs(bench, measure, "PROBE-CROSS-TOPIC", "harmless topics")
     _cross_check(bench, measure, "PROBE-CROSS-TOPIC", "harmless topic", "probe_cross_topic_drop",
                  _topic, SEED_TOPIC)
 
@@ -177,6 +207,7 @@ def test_cross_topic_harmless(bench: Workbench, measure: Any) -> None:
 @pytest.mark.claim("PROBE-CROSS-TOPIC")
 def test_cross_category_harmful(bench: Workbench, measure: Any) -> None:
     """Fit with one AdvBench harm category, test on the others (harmless side: whole split)."""
+    _needs(bench, measure, "PROBE-CROSS-TOPIC", "harmful categories")
     _cross_check(bench, measure, "PROBE-CROSS-TOPIC", "harmful category",
                  "probe_cross_topic_drop", _category, SEED_TOPIC)
 
@@ -185,6 +216,7 @@ def test_cross_category_harmful(bench: Workbench, measure: Any) -> None:
 def test_cross_language_harmless(bench: Workbench, measure: Any) -> None:
     """Harmless side in one language, tested against harmless prompts in the others (the
     harmful side is English only: this measures whether the direction confounds language)."""
+    _needs(bench, measure, "PROBE-CROSS-LANG", "languages")
     par = parallel_set(bench.harmless_all)
     _cross_check(bench, measure, "PROBE-CROSS-LANG", "harmless language",
                  "probe_cross_language_drop", _language, SEED_LANG, par)
@@ -257,6 +289,7 @@ def _harmbench(bench: Workbench) -> dict[str, Any]:
 @pytest.mark.claim("PROBE-TRANSFER-HARMBENCH")
 def test_advbench_to_harmbench(bench: Workbench, measure: Any) -> None:
     """Fit on AdvBench (train split), test HarmBench vs held-out harmless prompts."""
+    _needs(bench, measure, "PROBE-TRANSFER-HARMBENCH", "harmbench")
     hb = _harmbench_set(bench)
     bench.record_model(measure, *bench.train_pair(), *bench.eval_pair(), hb)
     r = _harmbench(bench)

@@ -90,7 +90,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from probes.capture import last_position_logits
+from probes.capture import last_position_logits, model_device
 from probes.errors import ExportError
 from probes.interventions import ablate_direction, plan_raw, steer
 from probes.judges import refusal_logit_scores
@@ -297,6 +297,24 @@ def _tie_configs(model: nn.Module | None, layout: ResidualLayout) -> list[Any]:
     return [c for c in configs if getattr(c, "tie_word_embeddings", False)]
 
 
+def _refuse_offloaded(writers: Sequence[Writer]) -> None:
+    """Refuse to edit weights that a ``device_map`` offloaded (to disk, or to the CPU from
+    an accelerator): their parameters are ``meta`` placeholders that accelerate refills from
+    its offload store before every forward pass, so an edit would be silently lost."""
+    offloaded = [w.name for w in writers
+                 if w.param.device.type == "meta"
+                 or (w.bias is not None and w.bias.device.type == "meta")]
+    if offloaded:
+        raise ExportError(
+            f"cannot orthogonalise weights offloaded by the device_map ({len(offloaded)} "
+            f"writer(s), e.g. {offloaded[0]}): accelerate reloads them from its offload "
+            "store on every forward pass, so the edit would not take effect",
+            "load the model without offloading (a device_map/max_memory that keeps every "
+            "block on a device), or use probes.interventions.ablate_direction, the exact "
+            "hook form of the same edit, which works with offloaded blocks",
+        )
+
+
 def _apply(
     layout: ResidualLayout,
     unit: torch.Tensor,
@@ -309,6 +327,7 @@ def _apply(
     chosen = None if layers is None else tuple(sorted(set(layout.check_layers(list(layers)))))
     writers: list[Writer] = layout.writers_at(None if chosen is None else list(chosen),
                                               include_embedding)
+    _refuse_offloaded(writers)
     swaps: list[_Swap] = []
     seen: set[tuple[int, str]] = set()
     tied: list[Any] = []
@@ -533,7 +552,7 @@ def first_token_logprobs(
     once: :func:`probes.capture.last_position_logits`; on the CPU)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode():

@@ -277,7 +277,32 @@ def _selector(positions: Positions, k: int, mask: torch.Tensor) -> Selector:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a model's inputs go: the device of its first parameter that holds data.
+
+    With an accelerate ``device_map`` that offloads blocks (to disk, or to the CPU with
+    ``meta`` placeholders on the accelerator), the first parameter may be a ``meta``
+    placeholder; accelerate's hooks move each block's inputs to its execution device.
+    """
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def on_device_of(t: torch.Tensor, like: torch.Tensor,
+                 memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """``t`` on the device and in the dtype of ``like`` (a hooked module's hidden state),
+    not of the model's first parameter: blocks placed by a ``device_map`` live on
+    different devices. ``memo`` keeps one copy per (device, dtype) for hooks called every
+    forward pass."""
+    key = (like.device, like.dtype)
+    if memo is not None and key in memo:
+        return memo[key]
+    out = t.to(device=like.device, dtype=like.dtype)
+    if memo is not None:
+        memo[key] = out
+    return out
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from probes.capture import model_device, on_device_of
 from probes.layout import ResidualLayout, hidden_state_of
 
 Units = Literal["raw", "ratio"]
@@ -68,13 +69,16 @@ def plan_ratio(
 
 
 def _add_pre_hook(delta: torch.Tensor) -> Callable[..., Any]:
+    """Add ``delta`` (float32) to the block's input, cast to the input's device and dtype."""
+    memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args:
             hidden = args[0]
-            return (hidden + delta.to(hidden.dtype), *args[1:]), kwargs
+            return (hidden + on_device_of(delta, hidden, memo), *args[1:]), kwargs
         kwargs = dict(kwargs)
         hidden = kwargs["hidden_states"]
-        kwargs["hidden_states"] = hidden + delta.to(hidden.dtype)
+        kwargs["hidden_states"] = hidden + on_device_of(delta, hidden, memo)
         return args, kwargs
 
     return hook
@@ -91,8 +95,7 @@ def steer(layout: ResidualLayout, plan: SteeringPlan) -> Iterator[SteeringPlan]:
             if alpha == 0.0:
                 continue  # alpha = 0 is exactly no intervention
             block = layout.blocks[layer]
-            param = next(block.parameters())
-            delta = (alpha * plan.vectors[layer]).to(device=param.device, dtype=torch.float32)
+            delta = (alpha * plan.vectors[layer]).to(torch.float32)  # placed by the hook
             handles.append(block.register_forward_pre_hook(_add_pre_hook(delta),
                                                            with_kwargs=True))
         yield plan
@@ -126,7 +129,6 @@ class RowSteering:
             raise ValueError(f"groups must index the {len(plans)} plans, got values "
                              f"{int(g.min())}..{int(g.max())}")
         self.layout = layout
-        param = next(layout.decoder.parameters())
         wanted = sorted({k for plan in plans for k in plan.vectors
                          if float(plan.alphas.get(k, 0.0)) != 0.0})
         self.tables: dict[int, torch.Tensor] = {}  # layer -> [n_plans, d_model] float32
@@ -137,13 +139,14 @@ class RowSteering:
                 alpha = float(plan.alphas.get(key, 0.0))
                 if key in plan.vectors and alpha != 0.0:
                     table[i] += (alpha * plan.vectors[key]).to(torch.float32)
-        self.tables = {k: t.to(param.device) for k, t in self.tables.items()}
-        self.groups = g.to(param.device)
+        self.groups = g.to(model_device(layout.decoder))  # where generate builds its index
         self.index: torch.Tensor | None = None  # [batch] plan of each row; set by generate
         self._handles: list[Any] = []
 
     def _hook(self, layer: int) -> Callable[..., Any]:
+        """Add each row's plan at block ``layer``, on the device of the block's input."""
         table = self.tables[layer]
+        tables: dict[torch.device, torch.Tensor] = {}
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -154,7 +157,10 @@ class RowSteering:
                     "as generate(..., rows=...) (got index "
                     f"{None if index is None else tuple(index.shape)} for a batch of "
                     f"{hidden.shape[0]})")
-            new = hidden + table.index_select(0, index).to(hidden.dtype).unsqueeze(1)
+            if hidden.device not in tables:
+                tables[hidden.device] = table.to(hidden.device)
+            rows = tables[hidden.device].index_select(0, index.to(hidden.device))
+            new = hidden + rows.to(hidden.dtype).unsqueeze(1)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
@@ -179,9 +185,12 @@ class RowSteering:
 
 
 def _project_out_hook(unit: torch.Tensor) -> Callable[..., Any]:
+    """Project ``unit`` out of the module's output, on that output's device and dtype."""
+    memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
     def hook(_m: nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = hidden_state_of(output)
-        u = unit.to(hidden.dtype)
+        u = on_device_of(unit, hidden, memo)
         new = hidden - (hidden @ u).unsqueeze(-1) * u
         if isinstance(output, torch.Tensor):
             return new
@@ -198,9 +207,7 @@ def ablate_direction(
     include_embedding: bool = True,
 ) -> Iterator[None]:
     """Remove ``direction`` from every residual write (of ``layers``; default all)."""
-    unit = (direction / direction.norm()).to(torch.float32)
-    device = next(layout.decoder.parameters()).device
-    unit = unit.to(device)
+    unit = (direction / direction.norm()).to(torch.float32)  # placed by the hook
     chosen = range(layout.n_layers) if layers is None else layout.check_layers(list(layers))
     modules: list[nn.Module] = [layout.embedding] if include_embedding else []
     for layer in chosen:

@@ -86,7 +86,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from probes.capture import last_position_logits, prefix_sharing_supported, with_cache
+from probes.capture import (
+    last_position_logits,
+    model_device,
+    prefix_sharing_supported,
+    with_cache,
+)
 from probes.stats import BoolArray, Estimate, FloatArray, rate
 
 __all__ = [
@@ -415,7 +420,7 @@ def refusal_logit_scores(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids = torch.tensor(list(token_ids) if token_ids is not None
                        else refusal_token_ids(tokenizer), dtype=torch.long)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = np.empty(len(prompts), dtype=np.float64)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode():
@@ -423,7 +428,7 @@ def refusal_logit_scores(
             idx = order[start : start + batch_size]
             logits = last_position_logits(model, tokenizer, [prompts[i] for i in idx], device)
             logp = torch.log_softmax(logits.double(), dim=-1)
-            p = torch.logsumexp(logp[:, ids.to(device)], dim=-1).exp().cpu().numpy()
+            p = torch.logsumexp(logp[:, ids.to(logp.device)], dim=-1).exp().cpu().numpy()
             out[idx] = np.log(p + 1e-8) - np.log(1.0 - p + 1e-8)
     return out
 
@@ -740,7 +745,7 @@ def perplexity(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids_of: dict[str, list[int]] = {}  # each distinct text tokenised once
     for text in (*prompts, *responses):

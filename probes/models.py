@@ -26,6 +26,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the first parameter that holds data: see
+        :func:`probes.capture.model_device`)."""
+        from probes.capture import model_device
+
+        return model_device(self.model)
 
     def format(self, instructions: list[str]) -> list[str]:
         return self.chat.format_all(instructions)
@@ -238,7 +243,7 @@ def _config_digest(config: Any) -> str:
 
 def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
     """Dequantise a GGUF once and save it as a plain safetensors HF directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to a safetensors cache (one time, about a minute)", gguf.name)
     try:
@@ -252,13 +257,7 @@ def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
             "check that the file is a complete GGUF of a supported architecture; "
             "re-download or reinstall it",
         ) from exc
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**config.to_dict())
-    fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-        config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh = _plain_model_over(loaded)
     del loaded
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
@@ -280,6 +279,50 @@ def _convert_gguf(gguf: Path, source_sha: str, out_dir: Path) -> dict[str, Any]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _plain_model_over(loaded: Any) -> Any:
+    """A model of the plain (unquantised) config of a GGUF-loaded ``loaded`` that holds
+    ``loaded``'s own weight tensors: built on the ``meta`` device and given the tensors with
+    ``assign=True``, so no second float32 copy of the weights is ever allocated (the peak
+    memory of a conversion is one model, not two). The saved files are those of a fresh
+    model loaded with the same state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()
+    return fresh
+
+
+def gguf_identity(path: Path) -> tuple[str | None, str | None]:
+    """``(name, provider)`` from a GGUF's metadata: ``general.name``, and
+    ``general.organization`` (else ``general.author``); None for a field that is absent or
+    a file the ``gguf`` reader cannot parse. Reads the header only (memory-mapped)."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+    except Exception:  # no gguf package, or a file it cannot parse: fall back to the name
+        return None, None
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        if field is None or not field.data:
+            return None
+        try:
+            value = bytes(field.parts[field.data[0]]).decode("utf-8").strip()
+        except (UnicodeDecodeError, TypeError, IndexError):
+            return None
+        return value or None
+
+    return text("general.name"), text("general.organization") or text("general.author")
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -326,18 +369,84 @@ def _ensure_converted(key: str, make_gguf: Any, cache_dir: Path) -> tuple[Path, 
     return out_dir, meta
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, Any]:
+# from_pretrained arguments that only place the weights (which device, memory or disk
+# holds each block): they do not change a number, so they stay out of the fingerprint.
+PLACEMENT_ARGS = frozenset({"device_map", "max_memory", "offload_folder", "offload_state_dict",
+                            "offload_buffers", "low_cpu_mem_usage"})
+_QUANT_ARGS = ("load_in_4bit", "load_in_8bit")
+_RESERVED_ARGS = {"dtype": "--dtype", "torch_dtype": "--dtype",
+                  "pretrained_model_name_or_path": "--model", "gguf_file": "--model"}
+
+
+def check_model_args(args: Mapping[str, Any]) -> None:
+    """Refuse ``from_pretrained`` arguments the suite sets itself (``dtype`` is ``--dtype``).
+
+    Raises ValueError naming the option to use instead."""
+    for key in args:
+        if key in _RESERVED_ARGS:
+            raise ValueError(f"--model-arg {key}=...: the suite sets {key} itself; use "
+                             f"{_RESERVED_ARGS[key]} instead")
+
+
+def _pretrained_kwargs(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_args`` as ``from_pretrained`` keyword arguments: ``load_in_4bit``/``8bit``
+    and ``bnb_*`` become a ``BitsAndBytesConfig`` (which needs ``bitsandbytes``)."""
+    kwargs = dict(model_args)
+    quant = {k: kwargs.pop(k) for k in list(kwargs)
+             if k in _QUANT_ARGS or k.startswith("bnb_")}
+    if quant:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelFileError(
+                f"--model-arg {', '.join(sorted(quant))} needs the package bitsandbytes, "
+                "which is not installed",
+                "install it (pip install bitsandbytes; it needs a supported GPU) or drop "
+                "the quantisation arguments",
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)  # type: ignore[no-untyped-call]
+    return kwargs
+
+
+def args_digest(model_args: Mapping[str, Any]) -> str | None:
+    """A digest of the arguments that can change a model's numbers (quantisation, revision,
+    attention implementation, ...; not placement), None when there are none."""
+    numeric = {k: v for k, v in model_args.items() if k not in PLACEMENT_ARGS}
+    if not numeric:
+        return None
+    return hashlib.sha256(json.dumps(numeric, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _with_args(fingerprint: str, model_args: Mapping[str, Any]) -> str:
+    """The fingerprint of the weights as loaded with ``model_args``: unchanged without
+    arguments that change numbers, so the default load keeps its cache entries."""
+    digest = args_digest(model_args)
+    if digest is None:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}:args:{digest}".encode()).hexdigest()
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, device: str,
+                 model_args: Mapping[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """Tokenizer and model of a HF directory; ``model_args`` go to ``from_pretrained``. A
+    ``device_map`` places the blocks itself (accelerate), so the model is not moved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    args = dict(model_args or {})
+    kwargs = _pretrained_kwargs(args)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     except Exception as exc:
+        given = f" with --model-arg {args}" if args else ""
         raise ModelFileError(
-            f"cannot load the model in {path}: {type(exc).__name__}: {exc}",
+            f"cannot load the model in {path}{given}: {type(exc).__name__}: {exc}",
             "check that the directory holds a complete model (config.json, weights, "
-            "tokenizer); a corrupt or truncated weight file must be replaced",
+            "tokenizer); a corrupt or truncated weight file must be replaced"
+            + ("; check the --model-arg names and values" if args else ""),
         ) from exc
+    if "device_map" in kwargs or "quantization_config" in kwargs:
+        return model, tok
     return model.to(device), tok  # type: ignore[arg-type]
 
 
@@ -467,13 +576,41 @@ def load(
     dtype: str | torch.dtype = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
     chat_template: TemplateMode = "auto",
+    model_args: Mapping[str, Any] | None = None,
+    allow_download: bool = False,
 ) -> LoadedModel:
-    """Resolve ``spec`` (alias, .gguf path, HF directory or cached hub id) and load it."""
+    """Resolve ``spec`` (alias, .gguf path, HF directory or cached hub id) and load it.
+
+    ``model_args`` go to ``from_pretrained`` (``device_map``, ``max_memory``, ``revision``,
+    ``attn_implementation``, ``load_in_4bit``...); those that can change numbers enter the
+    fingerprint, and all are recorded in ``info["model_args"]``. ``allow_download`` lets a
+    hub id that is not in the local cache be downloaded (off by default).
+    """
+    args = dict(model_args or {})
+    check_model_args(args)
+    lm = _load(spec, device, dtype, cache_dir, chat_template, args, allow_download)
+    if args:
+        lm.fingerprint = _with_args(lm.fingerprint, args)
+        lm.info["model_args"] = json.loads(json.dumps(args, sort_keys=True, default=str))
+    return lm
+
+
+def _load(
+    spec: str, device: str, dtype: str | torch.dtype, cache_dir: str | os.PathLike[str] | None,
+    chat_template: TemplateMode, args: dict[str, Any], allow_download: bool,
+) -> LoadedModel:
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     root = cache_root(cache_dir)
 
     if spec.startswith("tiny-"):
+        if args:
+            raise ModelNotFound(
+                f"--model-arg {', '.join(sorted(args))}: {spec} is built in memory, not "
+                "loaded with from_pretrained, so it takes no loading arguments",
+                "save it as a Hugging Face directory and pass that directory, or drop "
+                "--model-arg",
+            )
         arch = spec.removeprefix("tiny-")
         if arch not in TINY_ARCHS:
             raise ModelNotFound(
@@ -510,7 +647,7 @@ def load(
             _package_dir(pkg, entry)
         key = f"{entry.alias}-{(entry.sha256 or 'nosha')[:16]}"
         out_dir, meta = _ensure_converted(key, make_gguf, root)
-        model, tok = _load_hf_dir(out_dir, torch_dtype, device)
+        model, tok = _load_hf_dir(out_dir, torch_dtype, device, args)
         return _finish(entry.alias, spec, model, tok, meta["fingerprint"], entry.provider,
                        entry.refuses, str(out_dir), torch_dtype, t0, chat_template,
                        {"display_name": entry.display_name})
@@ -526,9 +663,11 @@ def load(
             return path.resolve(), sha, False
 
         out_dir, meta = _ensure_converted(f"{path.stem}-{sha[:16]}", make_local, root)
-        model, tok = _load_hf_dir(out_dir, torch_dtype, device)
-        return _finish(path.stem, spec, model, tok, meta["fingerprint"], None, None,
-                       str(path), torch_dtype, t0, chat_template)
+        model, tok = _load_hf_dir(out_dir, torch_dtype, device, args)
+        name, provider = gguf_identity(path)  # reports name the model, not the file
+        return _finish(name or path.stem, spec, model, tok, meta["fingerprint"], provider,
+                       None, str(path), torch_dtype, t0, chat_template,
+                       {"file_name": path.name})
 
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -536,30 +675,42 @@ def load(
                 f"{path} is a directory but holds no config.json",
                 "give a Hugging Face model directory (config.json, weights, tokenizer)",
             )
-        model, tok = _load_hf_dir(path, torch_dtype, device)
+        model, tok = _load_hf_dir(path, torch_dtype, device, args)
         fp = _dir_fingerprint(path, model.config, root)
         return _finish(path.name, spec, model, tok, fp, None, None, str(path), torch_dtype,
                        t0, chat_template)
 
     if "/" in spec and not spec.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            local = Path(snapshot_download(spec, local_files_only=True))
-        except Exception:
-            local = None
+        local = _hub_snapshot(spec, args.get("revision"), allow_download)
         if local is not None:
-            model, tok = _load_hf_dir(local, torch_dtype, device)
+            model, tok = _load_hf_dir(local, torch_dtype, device, args)
             fp = _dir_fingerprint(local, model.config, root)
             return _finish(spec, spec, model, tok, fp, spec.split("/")[0], None, str(local),
                            torch_dtype, t0, chat_template)
+        rev = f" at revision {args['revision']!r}" if "revision" in args else ""
         raise ModelNotFound(
-            f"{spec!r} is not in the local Hugging Face cache and this suite never downloads",
-            "download it beforehand (e.g. `huggingface-cli download " + spec + "`) or pass a "
-            "local directory; packaged aliases: " + ", ".join(known_aliases()),
+            f"{spec!r}{rev} is not in the local Hugging Face cache"
+            + ("" if allow_download else
+               " and this suite never downloads unless --allow-download is given"),
+            "download it beforehand (e.g. `huggingface-cli download " + spec + "`), pass "
+            "--allow-download to let the suite fetch it, or pass a local directory; "
+            "packaged aliases: " + ", ".join(known_aliases()),
         )
     raise ModelNotFound(
         f"unknown model {spec!r}: not an alias, not a .gguf file, not a directory",
         "use one of the aliases " + ", ".join(known_aliases())
         + ", a path to a .gguf file or a Hugging Face model directory",
     )
+
+
+def _hub_snapshot(spec: str, revision: Any, allow_download: bool) -> Path | None:
+    """The local snapshot directory of hub id ``spec`` (at ``revision``), downloading it
+    only when ``allow_download``; None when it is not available."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        rev = None if revision is None else str(revision)
+        return Path(snapshot_download(spec, revision=rev,
+                                      local_files_only=not allow_download))
+    except Exception:  # not cached, no network, unknown id: all mean "not available"
+        return None

