@@ -3,6 +3,7 @@
     python -m reports compare OLD.json NEW.json      # diff table; exit 1 on regressions
     python -m reports render A.json [B.json ...] -o OUT.html
     python -m reports verdicts BEFORE.json AFTER.json   # same verdicts? exit 1 if not
+    python -m reports lock [--check]                    # claims change only with a bump
     python -m reports results REPORT.json [-o docs/experiments]   # experiment pages' results
 
 Exit status:
@@ -66,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--max-widen", type=float, default=0.10,
                      help="largest accepted relative growth of an interval (default 0.10)")
     ver.add_argument("--all", action="store_true", help="also list unchanged checks")
+    lock = commands.add_parser(
+        "lock",
+        help="check or refresh the hypothesis registry's lock (claims change only with a bump)",
+        description="Exit 0 when the registry keeps its lock; 1 when a claim changed without a "
+        "version bump (nothing is written); 2 bad input. Without --check, a lock that is only "
+        "out of date (new claims, bumped versions) is rewritten.",
+    )
+    lock.add_argument("registry", type=Path, nargs="?",
+                      default=Path("benchmarks") / "hypotheses.toml")
+    lock.add_argument("--check", action="store_true", help="report only, write nothing")
     render = commands.add_parser("render", help="build one HTML page from JSON reports")
     render.add_argument("reports", type=Path, nargs="+", help="JSON reports to merge")
     render.add_argument(
@@ -79,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_results(args)
 
     try:
+        if args.command == "lock":
+            return _lock(args.registry, args.check)
         if args.command == "verdicts":
             return _verdicts(args.old, args.new, args.max_widen, args.all)
         if args.command == "compare":
@@ -101,6 +114,41 @@ def _compare(old_path: Path, new_path: Path, show_same: bool, model_change: bool
     print(f"baseline: {old_path}\ncurrent:  {new_path}")
     print(comparison.format(show_same=show_same))
     return _exit_status(comparison)
+
+
+def _lock(registry_path: Path, check: bool) -> int:
+    from reports.document import write_json_atomic
+    from reports.registry import (
+        RegistryError,
+        load_registry,
+        lock_path,
+        lock_problems,
+        make_lock,
+        read_lock,
+    )
+
+    try:
+        registry = load_registry(registry_path)
+    except RegistryError as exc:
+        raise ReportError(str(exc)) from None
+    path = lock_path(registry_path)
+    try:
+        previous = read_lock(path) if path.exists() else {}
+    except RegistryError as exc:
+        raise ReportError(str(exc)) from None
+    violations, stale = lock_problems(registry, previous)
+    for line in violations:
+        print(f"not allowed: {line}", file=sys.stderr)
+    for line in stale:
+        print(f"out of date: {line}")
+    if violations:
+        return EXIT_REGRESSIONS
+    if check:
+        print(f"{path}: {'out of date' if stale or not path.exists() else 'up to date'}")
+        return EXIT_REGRESSIONS if stale or not path.exists() else EXIT_OK
+    write_json_atomic(path, make_lock(registry, previous))
+    print(f"lock written: {path} ({len(registry.hypotheses)} claims)")
+    return EXIT_OK
 
 
 def _verdicts(old_path: Path, new_path: Path, max_widen: float, show_same: bool) -> int:

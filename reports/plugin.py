@@ -44,7 +44,15 @@ from reports.document import (
 )
 from reports.measure import Measure, check_record, format_value
 from reports.provenance import git_state, machine, now_iso, package_versions, python_info
-from reports.registry import Registry, RegistryError, empty_registry, load_registry
+from reports.registry import (
+    Registry,
+    RegistryError,
+    empty_registry,
+    load_registry,
+    lock_path,
+    lock_problems,
+    read_lock,
+)
 
 GROUP = "refusalbench-reports"
 RECORD_PROPERTY = "refusalbench_record"
@@ -260,7 +268,15 @@ def _registry(settings: Settings) -> Registry:
     if not settings.registry_explicit and not settings.registry_path.is_file():
         return empty_registry(str(settings.registry_path))
     try:
-        return load_registry(settings.registry_path)
+        registry = load_registry(settings.registry_path)
+        lock = lock_path(settings.registry_path)
+        if lock.is_file():  # a registry with a lock may not change a claim without a bump
+            violations, _stale = lock_problems(registry, read_lock(lock))
+            if violations:
+                raise RegistryError(
+                    f"hypothesis registry {settings.registry_path} breaks its lock {lock}:\n  "
+                    + "\n  ".join(violations))
+        return registry
     except RegistryError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -26,6 +26,7 @@ with ``upper``) is rejected when the registry is loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -352,3 +353,79 @@ def _describe_bad(value: float | None) -> str:
     if value is None:
         return "missing (None)"
     return "NaN" if math.isnan(value) else str(value)
+
+
+# -- the lock: a claim never changes without a version bump -------------------------------------
+
+LOCK_SUFFIX = ".lock.json"
+
+
+def claim_sha256(h: Hypothesis) -> str:
+    """Hash of what decides a verdict: statement, metric, comparison, threshold, bound."""
+    claim = h.as_json()
+    decisive = {k: claim[k] for k in ("statement", "metric", "comparison", "threshold", "bound")}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+
+
+def lock_path(registry_path: Path) -> Path:
+    """``benchmarks/hypotheses.toml`` -> ``benchmarks/hypotheses.lock.json``."""
+    return registry_path.with_name(registry_path.stem + LOCK_SUFFIX)
+
+
+def read_lock(path: Path) -> dict[str, dict[str, Any]]:
+    """The locked claims by id; a missing or malformed lock raises :class:`RegistryError`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        claims = data["claims"]
+        if not isinstance(claims, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("version"), int)
+            and isinstance(v.get("claim_sha256"), str) for v in claims.values()
+        ):
+            raise ValueError("'claims' must map ids to {version, claim_sha256}")
+    except FileNotFoundError:
+        raise RegistryError(f"no registry lock at {path}: create it with "
+                            "`python -m reports lock`") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"registry lock {path} is unreadable ({exc}); restore it from "
+                            "version control") from None
+    return claims
+
+
+def lock_problems(registry: Registry, locked: Mapping[str, Mapping[str, Any]]
+                  ) -> tuple[list[str], list[str]]:
+    """(violations, stale): claims changed without a version bump (or whose version went
+    down, or an id reused at a retired version), and lock entries that only need refreshing
+    (new ids, bumped versions)."""
+    violations: list[str] = []
+    stale: list[str] = []
+    for hid, h in registry.hypotheses.items():
+        entry = locked.get(hid)
+        if entry is None:
+            stale.append(f"{hid}: new claim (version {h.version}) not in the lock")
+            continue
+        if h.version < entry["version"]:
+            violations.append(f"{hid}: version {h.version} is below the locked "
+                              f"{entry['version']}; versions only go up")
+        elif h.version == entry["version"] and claim_sha256(h) != entry["claim_sha256"]:
+            violations.append(f"{hid}: statement, metric, comparison, threshold or bound changed "
+                              f"without a version bump (still {h.version}); bump 'version' "
+                              "and 'registry_version'")
+        elif h.version > entry["version"] and not entry.get("retired"):
+            stale.append(f"{hid}: version {entry['version']} -> {h.version}")
+        elif entry.get("retired") and h.version == entry["version"]:
+            violations.append(f"{hid}: a removed claim's id is back at its old version; "
+                              "bump its version (ids are never reused for another claim)")
+    return violations, stale
+
+
+def make_lock(registry: Registry, previous: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, Any]:
+    """The lock of ``registry``; ids of ``previous`` no longer in it stay, marked retired."""
+    claims: dict[str, dict[str, Any]] = {
+        hid: {**entry, "retired": True} for hid, entry in previous.items()
+        if hid not in registry.hypotheses
+    }
+    for hid, h in registry.hypotheses.items():
+        claims[hid] = {"version": h.version, "claim_sha256": claim_sha256(h)}
+    return {"registry_version": registry.registry_version,
+            "claims": dict(sorted(claims.items()))}
