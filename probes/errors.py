@@ -31,6 +31,11 @@ class LayerOutOfRange(BenchError):
     """A layer index outside the model's depth."""
 
 
+class SiteUnavailable(BenchError):
+    """A capture site that a layer of the model does not have (``attn_v`` in a
+    linear-attention layer)."""
+
+
 class PromptSetError(BenchError):
     """An empty, unreadable or malformed prompt set."""
 

@@ -6,6 +6,8 @@ the suite hard-codes module names. A layout lists
 * the decoder blocks (``resid_pre`` of block l is its input, ``resid_post`` its output),
 * per block, the module whose output is the attention write and the MLP write into the
   residual stream (the sites ``attn_out`` and ``mlp_out``),
+* per block, the attention's value projection ``v_proj`` (the site ``attn_v``), or None
+  in a linear-attention layer, which mixes its values into a fused input projection,
 * every weight that writes into the residual stream (:class:`Writer`): token embedding,
   attention output projections (``o_proj``; ``linear_attn.out_proj`` in hybrid models),
   MLP down projections, MoE expert down projections (3-D expert tensors) and shared
@@ -24,12 +26,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from probes.errors import LayerOutOfRange, UnsupportedArchitecture
+from probes.errors import LayerOutOfRange, SiteUnavailable, UnsupportedArchitecture
 
 WriterKind = Literal["embedding", "attn", "linear_attn", "mlp", "moe_experts", "shared_expert"]
 
 _ATTN_NAMES = ("self_attn", "attention", "attn", "linear_attn", "mixer")
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+_VALUE_NAMES = ("v_proj",)
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _MLP_OUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h")
 _POST_ATTN_NORMS = ("post_attention_layernorm",)
@@ -83,6 +86,30 @@ class ResidualLayout:
     layer_types: list[str]
     writers: list[Writer] = field(default_factory=list)
     exact_orthogonalisation: bool = True
+    # per layer: the attention's v_proj (output [batch, pos, n_kv_heads * head_dim]), or
+    # None where the layer has none (linear attention)
+    value_modules: list[nn.Module | None] = field(default_factory=list)
+    head_dim: int | None = None  # width of one key/value head; None if the config has none
+
+    def value_layers(self) -> list[int]:
+        """The layers whose attention has a value projection (the ``attn_v`` site)."""
+        return [i for i, m in enumerate(self.value_modules) if m is not None]
+
+    def value_module(self, layer: int) -> nn.Module:
+        """The value projection of ``layer``; an error naming the layers that have one."""
+        (idx,) = self.check_layers([layer])
+        module = self.value_modules[idx] if idx < len(self.value_modules) else None
+        if module is None:
+            kind = self.layer_types[idx] if idx < len(self.layer_types) else "unknown"
+            have = ", ".join(map(str, self.value_layers())) or "none"
+            raise SiteUnavailable(
+                f"layer {layer} of this {self.model_type} model ({kind}) has no attention "
+                f"value projection (v_proj) to capture at site 'attn_v'; layers that have "
+                f"one: {have}",
+                "leave layers unset to capture every layer that has one, or choose among "
+                "those layers",
+            )
+        return module
 
     def check_layers(self, layers: list[int] | tuple[int, ...]) -> list[int]:
         """Validate layer indices (negative ones count from the end) and normalise them."""
@@ -238,6 +265,7 @@ def find_layout(model: nn.Module) -> ResidualLayout:
     attn_outs: list[nn.Module] = []
     mlp_outs: list[nn.Module] = []
     layer_types: list[str] = []
+    value_modules: list[nn.Module | None] = []
     sandwich = False
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}"
@@ -254,6 +282,8 @@ def find_layout(model: nn.Module) -> ResidualLayout:
         kind: WriterKind = "linear_attn" if attn_name == "linear_attn" else "attn"
         layer_types.append("linear_attention" if kind == "linear_attn" else "full_attention")
         writers.append(_linear_writer(f"{prefix}.{attn_name}.{out[0]}", out[1], kind, i, d_model))
+        value = _child(attn_mod, _VALUE_NAMES)
+        value_modules.append(value[1] if value is not None else None)
         mlp = _child(block, _MLP_NAMES)
         if mlp is None:
             raise UnsupportedArchitecture(
@@ -284,7 +314,20 @@ def find_layout(model: nn.Module) -> ResidualLayout:
         layer_types=layer_types,
         writers=writers,
         exact_orthogonalisation=not sandwich,
+        value_modules=value_modules,
+        head_dim=_head_dim(text_cfg),
     )
+
+
+def _head_dim(config: Any) -> int | None:
+    """The width of one attention head: ``head_dim`` in the config, else hidden size over
+    the number of heads; None when the config gives neither."""
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return hidden // heads if heads > 0 else None
 
 
 def hidden_state_of(output: Any) -> torch.Tensor:
