@@ -1,11 +1,21 @@
-"""Record residual-stream activations at named sites, batched, in one forward pass.
+"""Record activations at named sites, batched, in one forward pass.
 
-Sites (each ``[batch, pos, d_model]`` inside the model):
+Residual-stream sites (:data:`SITES`, each ``[batch, pos, d_model]`` inside the model):
 
 * ``resid_pre``  - input of decoder block l (equals ``hidden_states[l]`` of HF outputs)
 * ``resid_post`` - output of decoder block l (equals ``hidden_states[l + 1]`` for l < L-1)
 * ``attn_out``   - what the attention (or linear-attention) sublayer adds to the stream
 * ``mlp_out``    - what the MLP / MoE sublayer adds to the stream
+
+Attention-value site (``[batch, pos, n_kv_heads * head_dim]``):
+
+* ``attn_v``     - the output of layer l's ``v_proj``: the values every query of the layer
+  attends over, flattened head-major (KV head h holds columns ``h*head_dim`` to
+  ``(h+1)*head_dim``; :meth:`Activations.heads` gives ``[..., n_kv_heads, head_dim]``).
+  Before any value norm, and before grouped-query heads are repeated. Only layers with a
+  ``v_proj`` have it: the linear-attention layers of hybrid models (Qwen3-Next) fuse their
+  values into one input projection and are left out by default; naming one is a
+  :class:`~probes.errors.SiteUnavailable` error that lists the layers that have the site.
 
 Positions: ``last`` (the last prompt token), ``post_instruction`` (the chat template's
 tokens after the instruction, e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``), ``all``
@@ -29,13 +39,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from probes.errors import SiteUnavailable
 from probes.kernels import few_row_linears
 from probes.layout import ResidualLayout, hidden_state_of
 from probes.packing import packed_mlps
 
-Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "attn_v"]
 Positions = Literal["last", "post_instruction", "all"]
-SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")  # d_model wide
+CAPTURE_SITES: tuple[Site, ...] = (*SITES, "attn_v")
 POSITIONS: tuple[Positions, ...] = ("last", "post_instruction", "all")
 
 Selector = Callable[[torch.Tensor], torch.Tensor]
@@ -47,7 +59,8 @@ class Activations:
 
     ``data`` is ``[n, L, d]`` for ``last``, ``[n, k, L, d]`` for ``post_instruction`` and
     ``[total_tokens, L, d]`` for ``all`` (``lengths[i]`` tokens per prompt, concatenated).
-    ``layers[j]`` is the model layer stored at index j of the L axis.
+    ``layers[j]`` is the model layer stored at index j of the L axis. ``d`` is d_model for
+    the residual sites and ``n_kv_heads * head_dim`` for ``attn_v``.
     """
 
     site: str
@@ -63,6 +76,21 @@ class Activations:
 
     def numpy(self) -> Any:
         return self.data.float().numpy()
+
+    def heads(self, head_dim: int) -> torch.Tensor:
+        """``data`` with its last axis split per head: ``[..., L, d // head_dim, head_dim]``
+        (for ``attn_v``: one row per key/value head, e.g. ``layout.head_dim``)."""
+        d = self.data.shape[-1]
+        if head_dim <= 0 or d % head_dim:
+            raise ValueError(f"width {d} does not split into heads of {head_dim}")
+        return self.data.reshape(*self.data.shape[:-1], d // head_dim, head_dim)
+
+    def prompt_means(self) -> torch.Tensor:
+        """``[n, L, d]``: each prompt's activations averaged over its tokens (``all`` only)."""
+        if self.positions != "all" or self.lengths is None:
+            raise ValueError(f"prompt_means needs positions 'all', not {self.positions!r}")
+        pieces = torch.split(self.data, [int(n) for n in self.lengths])
+        return torch.stack([rows.mean(0) for rows in pieces])
 
 
 class _StopForward(Exception):
@@ -98,7 +126,34 @@ def site_module(layout: ResidualLayout, site: Site, layer: int) -> nn.Module:
         return layout.attn_out_modules[layer]
     if site == "mlp_out":
         return layout.mlp_out_modules[layer]
-    raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
+    if site == "attn_v":
+        return layout.value_module(layer)
+    raise ValueError(f"unknown site {site!r}; choose one of {CAPTURE_SITES}")
+
+
+def site_layers(layout: ResidualLayout, site: Site) -> list[int]:
+    """Every layer that has ``site``: all of them, except for ``attn_v`` the layers without
+    a value projection (linear attention)."""
+    if site != "attn_v":
+        return list(range(layout.n_layers))
+    layers = layout.value_layers()
+    if not layers:
+        raise SiteUnavailable(
+            f"no layer of this {layout.model_type} model has an attention value projection "
+            "(v_proj) to capture at site 'attn_v'",
+            f"capture one of the residual sites {', '.join(SITES)}",
+        )
+    return layers
+
+
+def check_site_layers(layout: ResidualLayout, site: Site, layers: Sequence[int]) -> list[int]:
+    """Validated, normalised ``layers`` that all have ``site`` (an error naming the first
+    that does not, and the layers that do)."""
+    chosen = layout.check_layers(list(layers))
+    if site == "attn_v":
+        for layer in chosen:
+            layout.value_module(layer)
+    return chosen
 
 
 @contextmanager
@@ -318,7 +373,8 @@ def capture(
     progress: Callable[[int, int], None] | None = None,
     share_prefix: bool | None = None,
 ) -> Activations:
-    """Activations of already chat-formatted ``prompts`` at ``site`` for ``layers``.
+    """Activations of already chat-formatted ``prompts`` at ``site`` for ``layers`` (by
+    default every layer that has the site: :func:`site_layers`).
 
     ``progress(done, total)`` is called after each batch. ``share_prefix`` (default: for
     ``last`` and ``post_instruction`` positions on plain-attention models) runs the token
@@ -327,11 +383,12 @@ def capture(
     floating-point rounding (``tests/foundation/test_capture.py``), for about half the work
     on short chat prompts.
     """
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+    if site not in CAPTURE_SITES:
+        raise ValueError(f"unknown site {site!r}; choose one of {', '.join(CAPTURE_SITES)}")
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-    chosen = layout.check_layers(list(range(layout.n_layers)) if layers is None else list(layers))
+    chosen = (site_layers(layout, site) if layers is None
+              else check_site_layers(layout, site, layers))
     if not prompts:
         raise ValueError("no prompts to capture")
     device = model_device(layout.decoder)
