@@ -18,23 +18,24 @@ Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
 * Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most
   ``probes.judges.PERPLEXITY_THRESHOLD``. Every rate has a Wilson 95 % interval.
-* Doses. Each side of alpha = 0 is analysed separately, with the outcome written so that
-  it rises with |alpha|: harmful non-refusal (jailbreak, alpha < 0), harmless refusal
+* Doses. Each side of alpha = 0 is analysed separately, with the outcome written so that it
+  rises with |alpha|: harmful non-refusal (jailbreak, alpha < 0), harmless refusal
   (over-refusal, alpha > 0), degenerate output (both classes pooled; each side) and
   incoherent output. A binomial GLM (``probes.stats.fit_dose_response``) gives the dose at
-  50 % with a delta-method interval. The intended effects (jailbreak, over-refusal) are
-  fitted only on the doses reached while the model is still mostly intact (pooled
-  degenerate rate < 50 %, walking outward from 0), because degenerate text contains no
-  refusal phrase and would bend the curve: a dose that is only reached past that point is
-  reported as "not reached before degeneracy", as the seed did. When the GLM has no
-  finite fit (complete separation, a flat slope) the dose is read model-free: linear
-  interpolation between the grid doses that bracket the first crossing of 50 %, with the
-  Wilson bracket (the nearest doses whose intervals lie wholly below / above 50 %) as its
-  interval. The method used is reported beside every dose.
+  50 %; its interval resamples prompts (``probes.stats.ed_by_prompt``: the same prompts are
+  judged at every alpha, so each prompt counts once, not once per dose). The intended
+  effects (jailbreak, over-refusal) are fitted only on the doses reached while the model is
+  still mostly intact (pooled degenerate rate < 50 %, walking outward from 0), because
+  degenerate text contains no refusal phrase and would bend the curve: a dose that is only
+  reached past that point is reported as "not reached before degeneracy", as the seed did.
+  When the GLM has no finite fit (complete separation, a flat slope) the dose is read
+  model-free: linear interpolation between the grid doses that bracket the first crossing of
+  50 %, with the Wilson bracket (the nearest doses whose intervals lie wholly below / above
+  50 %) as its interval. The method used is reported beside every dose.
 * TI-S = ED50_overrefusal / |ED50_jailbreak|, interval by the delta method on the log scale
-  (both doses from the GLM) or by interval arithmetic (otherwise); or the reason it cannot
-  be computed. Therapeutic window per side: doses where the intended effect is past 50 %
-  and degeneracy below 50 % (empty is a finding).
+  from the two dose intervals (both doses from the GLM) or by interval arithmetic
+  (otherwise); or the reason it cannot be computed. Therapeutic window per side: doses where
+  the intended effect is past 50 % and degeneracy below 50 % (empty is a finding).
 * Multi-layer vs single-layer (trait-vector log: L6-10 beat L8 by 1.5 points) at equal total
   perturbation sum_l ||alpha_l v_l||: the single block c of the ratio sweep at total ratio
   T against the five blocks c-2..c+2 at T/5 each (rescaled so that the totals are equal
@@ -250,7 +251,8 @@ def run_sweep(bench: Workbench, units: Units) -> Sweep:
 @cache
 def analyse(bench: Workbench, units: Units) -> Analysis:
     sw = run_sweep(bench, units)
-    sides = {s: analyse_side(sw, s) for s in SIDES}
+    sides = {s: analyse_side(sw, s, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+             for s in SIDES}
     tis, ci, method, reason = ti_s(sides["positive"], sides["negative"])
     return Analysis(sw, sides, tis, ci, method, reason)
 

@@ -7,6 +7,8 @@ interval covers it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -14,7 +16,9 @@ import scipy.special
 from statsmodels.stats.contingency_tables import mcnemar
 
 from probes import stats
+from probes.dose_response import Judged, Sweep, analyse_side, is_refused, ti_s
 from probes.stats import DoseStatus, Estimate
+from prompts import PromptSet
 
 ALPHAS = np.linspace(0.0, 2.0, 17)  # 17 doses, as in a steering sweep's side
 ED50 = 1.0  # planted; symmetric prompt effects keep the population curve at 50 % here
@@ -227,3 +231,65 @@ def test_rogan_gladen_recovers_true_rate_under_a_noisy_judge(truth: float, sens:
     assert hits / runs >= 0.90, hits / runs
     assert float(np.mean(values)) == pytest.approx(truth, abs=0.02)
     assert raw_hits / runs < 0.5  # the uncorrected judge misses the true rate
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def synthetic_sweep(seed: int) -> Sweep:
+    """A raw-units sweep on -2..2 whose harmless refusal rises with alpha with a strong
+    per-prompt threshold, harmful refusal falls, and nothing degenerates."""
+    rng = np.random.default_rng(seed)
+    alphas = np.linspace(-2.0, 2.0, 17)
+    n = 24
+    harm_u, safe_u = rng.normal(0, SPREAD, n), rng.normal(0, SPREAD, n)
+    harm_p = scipy.special.expit(-SLOPE * (-alphas[None, :] - ED50) + harm_u[:, None])
+    safe_p = scipy.special.expit(SLOPE * (alphas[None, :] - ED50) + safe_u[:, None])
+    harm_y, safe_y = rng.random(harm_p.shape) < harm_p, rng.random(safe_p.shape) < safe_p
+    harm = PromptSet("harmful", tuple(f"harmful {i}" for i in range(n)))
+    safe = PromptSet("harmless", tuple(f"harmless {i}" for i in range(n)))
+
+    def judged(ps: PromptSet, refusal: npt.NDArray[np.bool_], key: str) -> Judged:
+        m = len(ps)
+        return Judged(key, ps.texts, ps.texts, refusal, np.zeros(m, bool),
+                      np.full(m, np.nan), np.ones(m, bool), 0.0, 0)
+
+    return Sweep("raw", (0,), alphas,
+                 tuple(judged(harm, harm_y[:, j], f"a{j}") for j in range(alphas.size)),
+                 tuple(judged(safe, safe_y[:, j], f"a{j}") for j in range(alphas.size)),
+                 harm, safe, 0.0)
+
+
+def test_analyse_side_resamples_prompts_when_asked() -> None:
+    sw = synthetic_sweep(8)
+    old = analyse_side(sw, "positive")
+    new = analyse_side(sw, "positive", n_boot=300, seed=0)
+    assert old.effect.method.startswith("logistic GLM, delta")
+    assert new.effect.method == "logistic GLM, 95 % CI by resampling prompts"
+    assert new.effect.value == pytest.approx(old.effect.value)
+    assert None not in (new.effect.lo, new.effect.hi, old.effect.lo, old.effect.hi)
+    assert new.effect.hi - new.effect.lo > old.effect.hi - old.effect.lo  # type: ignore[operator]
+    assert new.effect.lo < new.effect.value < new.effect.hi  # type: ignore[operator]
+    # Reproducible from the seed; the jailbreak side and TI-S go through the same path.
+    again = analyse_side(sw, "positive", n_boot=300, seed=0)
+    assert (again.effect.lo, again.effect.hi) == (new.effect.lo, new.effect.hi)
+    neg = analyse_side(sw, "negative", n_boot=300, seed=0)
+    assert neg.effect.ok and neg.effect.value is not None and neg.effect.value < 0
+    tis, (lo, hi), method, reason = ti_s(new, neg)
+    assert tis is not None and lo is not None and hi is not None, reason
+    assert lo < tis < hi and method.startswith("delta method on log TI-S")
+
+
+def test_per_prompt_matrix_and_mismatched_prompts() -> None:
+    sw = synthetic_sweep(9)
+    y = sw.per_prompt(is_refused, "both")
+    assert y.shape == (48, sw.alphas.size)
+    k, _ = sw.counts(is_refused, "both")
+    np.testing.assert_array_equal(y.sum(axis=0), k)
+    other = PromptSet("other", tuple(f"other {i}" for i in range(24)))
+    j0 = sw.harmful[0]
+    moved = Judged("x", other.texts, other.texts, j0.refusal, j0.degenerate, j0.perplexity,
+                   j0.coherent, 0.0, 0)
+    broken = replace(sw, harmful=(moved, *sw.harmful[1:]))
+    with pytest.raises(ValueError, match="same prompts"):
+        broken.per_prompt(is_refused, "harmful")
