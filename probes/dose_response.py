@@ -1,7 +1,8 @@
 """Dose-response analysis of a steering sweep: rates per alpha, doses at 50 %, TI-S.
 
 A :class:`Sweep` holds the judged replies per alpha; :func:`analyse_side` fits each side of
-alpha = 0 (GLM dose with a delta-method interval, else a model-free interpolation) and
+alpha = 0 (GLM dose with an interval that resamples prompts, or the delta method when no
+resampling is asked for; else a model-free interpolation) and
 :func:`ti_s` combines the two intended-effect doses into the therapeutic index. The
 definitions are in docs/science.md, "Dose-response and the therapeutic index TI-S".
 
@@ -22,7 +23,14 @@ import numpy.typing as npt
 import scipy.stats
 
 from probes import judges
-from probes.stats import DoseResponseFit, fit_dose_response, spearman, wilson_interval
+from probes.stats import (
+    DoseResponseFit,
+    DoseStatus,
+    ed_by_prompt,
+    fit_dose_response,
+    spearman,
+    wilson_interval,
+)
 from prompts import PromptSet
 
 Units = Literal["raw", "ratio"]
@@ -112,6 +120,20 @@ class Sweep:
         n = np.array([sum(a[i].n for a in arms) for i in range(len(self.alphas))])
         return k, n
 
+    def per_prompt(self, outcome: Callable[[Judged], npt.NDArray[np.bool_]],
+                   which: Literal["harmful", "harmless", "both"]) -> npt.NDArray[np.bool_]:
+        """[prompts, alphas] outcomes: row i is prompt i at every alpha (the same prompts are
+        generated at every alpha; with "both", harmful rows come first)."""
+        arms: list[tuple[Judged, ...]] = (
+            [self.harmful, self.harmless] if which == "both"
+            else [self.harmful if which == "harmful" else self.harmless])
+        blocks = []
+        for arm in arms:
+            if any(j.prompts != arm[0].prompts for j in arm):
+                raise ValueError("per_prompt needs the same prompts at every alpha")
+            blocks.append(np.stack([outcome(j) for j in arm], axis=1))
+        return np.concatenate(blocks, axis=0)
+
     @property
     def gen_seconds(self) -> float:
         return sum(j.gen_seconds for j in self.harmful + self.harmless)
@@ -192,11 +214,39 @@ def intact_prefix(idx: np.ndarray, degenerate_rate: np.ndarray) -> tuple[np.ndar
     return idx, False
 
 
+@dataclass(frozen=True)
+class PromptResampling:
+    """Per-prompt outcomes ([prompts, alphas]) and the bootstrap settings for a GLM dose
+    interval that resamples prompts (:func:`probes.stats.ed_by_prompt`)."""
+
+    outcomes: npt.NDArray[np.bool_]
+    n_boot: int
+    seed: int
+
+
+def glm_interval(est_value: float, alphas: np.ndarray, idx: np.ndarray, level: float,
+                 by_prompt: PromptResampling) -> tuple[float | None, float | None, str, str]:
+    """The prompt-bootstrap interval of a GLM dose on the doses ``idx``: (lo, hi, method,
+    reason); both bounds None when too many resamples have no finite fit."""
+    _, est = ed_by_prompt(alphas[idx], by_prompt.outcomes[:, idx], level,
+                          n_boot=by_prompt.n_boot, seed=by_prompt.seed, conf=CONF)
+    method = "logistic GLM, 95 % CI by resampling prompts"
+    if est.status is DoseStatus.BOOTSTRAP_UNSTABLE:
+        return None, None, method, f"interval not identified: {est.reason}"
+    if not est.reached or est.lo is None or est.hi is None:
+        return None, None, method, f"interval not identified: {est.status.value}: {est.reason}"
+    assert est.value is not None and math.isclose(est.value, est_value, rel_tol=1e-6,
+                                                  abs_tol=1e-9)
+    return est.lo, est.hi, method, est.reason
+
+
 def dose50(name: str, side: Side, alphas: np.ndarray, k: np.ndarray, n: np.ndarray,
-           idx: np.ndarray, cut_by_degeneracy: bool = False, level: float = 0.5) -> Dose:
+           idx: np.ndarray, cut_by_degeneracy: bool = False, level: float = 0.5,
+           by_prompt: PromptResampling | None = None) -> Dose:
     """The dose where the rising outcome k/n reaches ``level`` on the doses ``idx``
-    (ordered by |alpha|, starting at 0). The GLM's dose when it has one in the range; else
-    "baseline" when the observed rate at alpha = 0 is already at ``level``; else the
+    (ordered by |alpha|, starting at 0). The GLM's dose when it has one in the range
+    (interval: resampling prompts when ``by_prompt`` is given, else the delta method);
+    else "baseline" when the observed rate at alpha = 0 is already at ``level``; else the
     model-free interpolation of the first crossing, or the reason there is none."""
     sign = -1.0 if side == "negative" else 1.0
     unreached = ("not reached before degeneracy" if cut_by_degeneracy
@@ -208,6 +258,9 @@ def dose50(name: str, side: Side, alphas: np.ndarray, k: np.ndarray, n: np.ndarr
     fit = fit_dose_response(a, kk, nn)
     est = fit.ed(level, conf=CONF, method="delta")
     if est.reached and est.value is not None:
+        if by_prompt is not None:
+            lo, hi, method, reason = glm_interval(est.value, alphas, idx, level, by_prompt)
+            return Dose(name, side, "ok", method, reason, est.value, lo, hi, fit)
         return Dose(name, side, "ok", "logistic GLM, delta-method 95 % CI", "", est.value,
                     est.lo, est.hi, fit)
     why = f"GLM: {est.status.value}: {est.reason}"
@@ -268,20 +321,34 @@ def effect_name(side: Side) -> str:
     return "ED50_jailbreak" if side == "negative" else "ED50_overrefusal"
 
 
-def analyse_side(sw: Sweep, side: Side) -> SideResult:
-    """Doses, window and (negative side) the relative jailbreak dose of one side."""
+def analyse_side(sw: Sweep, side: Side, n_boot: int | None = None, seed: int = 0
+                 ) -> SideResult:
+    """Doses, window and (negative side) the relative jailbreak dose of one side. With
+    ``n_boot``, every GLM dose's interval resamples prompts (each prompt counts once, not
+    once per alpha); without, it is the binomial delta-method interval."""
+
+    def resampling(outcome: Callable[[Judged], npt.NDArray[np.bool_]],
+                   which: Literal["harmful", "harmless", "both"]) -> PromptResampling | None:
+        if n_boot is None:
+            return None
+        return PromptResampling(sw.per_prompt(outcome, which), n_boot, seed)
+
     a = sw.alphas
     idx = side_index(a, side)
     kd, nd = sw.counts(is_degenerate, "both")
     ki, ni = sw.counts(is_incoherent, "both")
     if side == "negative":
         ke, ne = sw.counts(is_not_refused, "harmful")
+        by_e = resampling(is_not_refused, "harmful")
     else:
         ke, ne = sw.counts(is_refused, "harmless")
+        by_e = resampling(is_refused, "harmless")
     intact, cut = intact_prefix(idx, kd / nd)
-    effect = dose50(effect_name(side), side, a, ke, ne, intact, cut)
-    td = dose50("TD50_degeneracy", side, a, kd, nd, idx)
-    incoh = dose50("coherence_breakdown", side, a, ki, ni, idx)
+    effect = dose50(effect_name(side), side, a, ke, ne, intact, cut, by_prompt=by_e)
+    td = dose50("TD50_degeneracy", side, a, kd, nd, idx,
+                by_prompt=resampling(is_degenerate, "both"))
+    incoh = dose50("coherence_breakdown", side, a, ki, ni, idx,
+                   by_prompt=resampling(is_incoherent, "both"))
     counts, note = effect.ok, ""
     if effect.ok and td.ok and td.value is not None and effect.value is not None:
         if abs(effect.value) >= abs(td.value):
@@ -301,7 +368,7 @@ def analyse_side(sw: Sweep, side: Side) -> SideResult:
         # Not part of TI-S (docs/science.md fixes the absolute 50 %): a potency that stays
         # defined when the baseline refusal rate is itself near 50 %.
         relative = dose50("ED_jailbreak_half_baseline", side, a, ke, ne, intact, cut,
-                          level=1.0 - refusal0 / 2.0)
+                          level=1.0 - refusal0 / 2.0, by_prompt=by_e)
     return SideResult(side, effect, td, incoh, counts, note, window, grid, relative)
 
 
@@ -332,7 +399,8 @@ def ti_s(over: SideResult, jail: SideResult) -> tuple[float | None, tuple[float 
         se_j = (ej.hi - ej.lo) / (2 * z) / abs(ej.value)
         se = math.hypot(se_o, se_j)
         return (tis, (tis * math.exp(-z * se), tis * math.exp(z * se)),
-                "delta method on log TI-S (independent prompt sets)", "")
+                "delta method on log TI-S from the dose intervals (independent prompt sets)",
+                "")
     # Interval arithmetic: |ED50_jailbreak| in [|hi|, |lo|] (hi is nearer 0).
     lo = (eo.lo / abs(ej.lo)) if (eo.lo is not None and ej.lo is not None and eo.lo > 0) else None
     hi = (eo.hi / abs(ej.hi)) if (eo.hi is not None and ej.hi is not None and ej.hi < 0) else None

@@ -48,15 +48,19 @@ __all__ = [
     "bootstrap_ci",
     "clopper_pearson",
     "cohens_d",
+    "ed_by_prompt",
     "fisher_exact",
     "fit_dose_response",
     "gini",
     "holm",
+    "mcnemar_exact_p",
     "mean_ci",
+    "paired_rate_difference",
     "percentile_interval",
     "rate",
     "resample_within_groups",
     "rng_from",
+    "rogan_gladen",
     "spearman",
     "welch_t",
     "wilson_interval",
@@ -668,28 +672,53 @@ class DoseResponseFit:
         assert self.params is not None
         p_hat = self.predict(self.alphas)
         kb = rng.binomial(self.n[None, :], p_hat[None, :], size=(n_boot, self.n.size))
-        sep = _separated_rows(self.alphas, kb.astype(np.int64), self.n)
-        params, conv = _irls_rows(
-            self.alphas, kb.astype(np.float64), self.n.astype(np.float64), self.params
+        return _refit_percentile_ed(self.alphas, kb.astype(np.int64), self.n, self.params,
+                                    level, target, ed, conf, "parametric-bootstrap")
+
+
+def _refit_percentile_ed(
+    alphas: FloatArray,
+    kb: IntArray,
+    n: IntArray,
+    start: FloatArray,
+    level: float,
+    target: float,
+    ed: float,
+    conf: float,
+    method: str,
+    same_sign_as: float | None = None,
+) -> DoseEstimate:
+    """Refit the logistic to every row of resampled counts ``kb`` ([B, J], trials ``n``)
+    and return the percentile interval of the dose at ``level`` around the estimate ``ed``.
+
+    Replicates without a finite fit (separation, no convergence, zero slope, or a slope
+    whose sign differs from ``same_sign_as`` when given) count as -inf for the lower and
+    +inf for the upper bound (conservative); if that leaves a bound infinite the status is
+    ``BOOTSTRAP_UNSTABLE``.
+    """
+    n_boot = kb.shape[0]
+    sep = _separated_rows(alphas, kb, n)
+    params, conv = _irls_rows(alphas, kb.astype(np.float64), n.astype(np.float64), start)
+    good = conv & ~sep & (params[:, 1] != 0.0)
+    if same_sign_as is not None:
+        good &= np.sign(params[:, 1]) == np.sign(same_sign_as)
+    eds = np.where(good, (target - params[:, 0]) / np.where(good, params[:, 1], 1.0), 0.0)
+    a = (1.0 - conf) / 2.0
+    # Order statistics (no interpolation, which is undefined next to ±inf),
+    # rounded outwards.
+    lo = float(np.quantile(np.where(good, eds, -np.inf), a, method="lower"))
+    hi = float(np.quantile(np.where(good, eds, np.inf), 1.0 - a, method="higher"))
+    n_bad = int((~good).sum())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return DoseEstimate(
+            level,
+            DoseStatus.BOOTSTRAP_UNSTABLE,
+            f"{n_bad}/{n_boot} bootstrap refits had no finite fit; a bound is unbounded",
+            method,
+            conf,
         )
-        good = conv & ~sep & (params[:, 1] != 0.0)
-        eds = np.where(good, (target - params[:, 0]) / np.where(good, params[:, 1], 1.0), 0.0)
-        a = (1.0 - conf) / 2.0
-        # Order statistics (no interpolation, which is undefined next to ±inf),
-        # rounded outwards.
-        lo = float(np.quantile(np.where(good, eds, -np.inf), a, method="lower"))
-        hi = float(np.quantile(np.where(good, eds, np.inf), 1.0 - a, method="higher"))
-        n_bad = int((~good).sum())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return DoseEstimate(
-                level,
-                DoseStatus.BOOTSTRAP_UNSTABLE,
-                f"{n_bad}/{n_boot} bootstrap refits had no finite fit; a bound is unbounded",
-                "parametric-bootstrap",
-                conf,
-            )
-        reason = f"{n_bad}/{n_boot} refits without a finite fit counted as ±inf" if n_bad else ""
-        return DoseEstimate(level, DoseStatus.OK, reason, "parametric-bootstrap", conf, ed, lo, hi)
+    reason = f"{n_bad}/{n_boot} refits without a finite fit counted as ±inf" if n_bad else ""
+    return DoseEstimate(level, DoseStatus.OK, reason, method, conf, ed, lo, hi)
 
 
 def fit_dose_response(alphas: npt.ArrayLike, k: npt.ArrayLike, n: npt.ArrayLike) -> DoseResponseFit:
@@ -737,3 +766,165 @@ def fit_dose_response(alphas: npt.ArrayLike, k: npt.ArrayLike, n: npt.ArrayLike)
     if not converged or not (np.all(np.isfinite(params)) and np.all(np.isfinite(cov))):
         return ill(FitStatus.NOT_CONVERGED, "IRLS did not converge to finite estimates")
     return DoseResponseFit(a, ki, ni, FitStatus.OK, "", True, params, cov)
+
+
+def _outcome_matrix(outcomes: npt.ArrayLike, name: str) -> IntArray:
+    """A [prompts, doses] 0/1 matrix as integers (raises ``ValueError`` otherwise)."""
+    y = np.asarray(outcomes)
+    if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 1:
+        raise ValueError(f"{name} must be a [prompts, doses] array with at least 2 prompts, "
+                         f"got shape {y.shape}")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError(f"{name} must hold 0/1 (or bool) outcomes, one per prompt and dose")
+    return y.astype(np.int64)
+
+
+def ed_by_prompt(
+    alphas: npt.ArrayLike,
+    outcomes: npt.ArrayLike,
+    level: float = 0.5,
+    *,
+    n_boot: int = 1000,
+    seed: Seed,
+    conf: float = 0.95,
+) -> tuple[DoseResponseFit, DoseEstimate]:
+    """The logistic dose at ``level`` with a cluster bootstrap interval over prompts.
+
+    ``outcomes`` is [prompts, doses]: the same prompts judged at every dose of ``alphas``.
+    The point estimate is :func:`fit_dose_response` on the pooled counts. The interval
+    resamples PROMPTS with replacement (each keeps its replies at all doses), refits the
+    logistic to every resample and takes the percentile interval, so a prompt counts once
+    rather than once per dose: the binomial intervals of :meth:`DoseResponseFit.ed` treat
+    the replies as independent and are too narrow when prompts differ in how easily they
+    flip. Resamples without a finite fit, or whose slope changes sign, count as ±inf
+    (``BOOTSTRAP_UNSTABLE`` when a bound becomes infinite). Returns the fit and the dose.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_conf(conf)
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    a = _as_1d(alphas, "alphas")
+    y = _outcome_matrix(outcomes, "outcomes")
+    if y.shape[1] != a.size:
+        raise ValueError(f"outcomes has {y.shape[1]} doses but alphas has {a.size}")
+    n_p = y.shape[0]
+    n = np.full(a.size, n_p, dtype=np.int64)
+    fit = fit_dose_response(a, y.sum(axis=0), n)
+    method = "prompt-bootstrap"
+
+    def fail(status: DoseStatus, reason: str) -> tuple[DoseResponseFit, DoseEstimate]:
+        return fit, DoseEstimate(level, status, reason, method, conf)
+
+    if fit.params is None:
+        return fail(DoseStatus.NO_FIT, f"no fit ({fit.status.value}): {fit.reason}")
+    b0, b1 = float(fit.params[0]), float(fit.params[1])
+    if b1 == 0.0:
+        return fail(DoseStatus.SLOPE_NOT_SIGNIFICANT, "the fitted slope is exactly 0")
+    target = float(scipy.special.logit(level))
+    ed = (target - b0) / b1
+    if not float(a.min()) <= ed <= float(a.max()):
+        return fail(DoseStatus.NOT_REACHED,
+                    f"fitted curve reaches {level:.3g} at alpha={ed:.4g}, outside the tested "
+                    f"range [{a.min():.4g}, {a.max():.4g}]")
+    pick = rng_from(seed).integers(0, n_p, size=(n_boot, n_p))
+    kb = y[pick].sum(axis=1)
+    return fit, _refit_percentile_ed(a, kb, n, fit.params, level, target, ed, conf, method,
+                                     same_sign_as=b1)
+
+
+# --------------------------------------------------------------------------- paired designs
+
+
+def paired_rate_difference(
+    a: npt.ArrayLike,
+    b: npt.ArrayLike,
+    *,
+    n_boot: int = 2000,
+    seed: Seed,
+    conf: float = 0.95,
+) -> Estimate:
+    """Difference of rates mean(a) - mean(b) when the same prompts appear in both arms,
+    with a percentile bootstrap over prompts.
+
+    ``a`` and ``b`` are 0/1 outcomes, [prompts] or [prompts, repeats] (e.g. several doses
+    pooled per arm); row i of both is prompt i. A resample draws prompts with replacement
+    and keeps both arms' rows of each, so the pairing (prompts that flip in both arms) is
+    kept instead of treating the arms as independent samples (Newcombe's interval).
+    ``n`` is the number of prompts.
+    """
+    x, y = (np.asarray(v) for v in (a, b))
+    x, y = (v[:, None] if v.ndim == 1 else v for v in (x, y))
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"paired arms need the same prompts (rows): {x.shape[0]} vs "
+                         f"{y.shape[0]}")
+    xa, ya = _outcome_matrix(x, "a"), _outcome_matrix(y, "b")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    # Per-prompt sums: a resample's rate is sum over drawn prompts / (drawn prompts * repeats).
+    sa, sb = xa.sum(axis=1).astype(np.float64), ya.sum(axis=1).astype(np.float64)
+    ra, rb = xa.shape[1], ya.shape[1]
+    n_p = xa.shape[0]
+    value = float(sa.sum() / (n_p * ra) - sb.sum() / (n_p * rb))
+    pick = rng_from(seed).integers(0, n_p, size=(n_boot, n_p))
+    reps = sa[pick].sum(axis=1) / (n_p * ra) - sb[pick].sum(axis=1) / (n_p * rb)
+    lo, hi = percentile_interval(reps, conf)
+    return Estimate(value, lo, hi, n_p, "paired-bootstrap-prompts", conf)
+
+
+def mcnemar_exact_p(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Exact two-sided McNemar p on paired 0/1 outcomes (prompt i in both arms): the
+    binomial test of the discordant pairs; 1.0 when there are none."""
+    x, y = np.asarray(a, dtype=bool).ravel(), np.asarray(b, dtype=bool).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired outcomes need equal shapes, got {x.shape} and {y.shape}")
+    n10, n01 = int(np.sum(x & ~y)), int(np.sum(~x & y))
+    if n10 + n01 == 0:
+        return 1.0
+    return float(scipy.stats.binomtest(n10, n10 + n01, 0.5).pvalue)
+
+
+# --------------------------------------------------------------------------- judge error
+
+
+def rogan_gladen(
+    rate_ci: Estimate,
+    sensitivity_ci: Estimate,
+    specificity_ci: Estimate,
+) -> Estimate:
+    """Prevalence corrected for a judge's errors: (p + spec - 1) / (sens + spec - 1),
+    clipped to [0, 1] (Rogan & Gladen 1978).
+
+    ``rate_ci`` is the judged rate, ``sensitivity_ci`` and ``specificity_ci`` the judge's
+    rates on labelled positives and negatives, each with its interval. The interval is
+    interval arithmetic over the three input intervals: the map is linear-fractional, so
+    its extremes over the box of inputs lie at the box's corners. It holds whenever all
+    three input intervals hold, so it is conservative; for a joint guarantee at ``c``
+    pass inputs at ``c ** (1 / 3)``. When the box reaches sens + spec <= 1 the bound on
+    that side is unbounded and clipped to 0 or 1. ``ValueError`` when the point
+    sens + spec <= 1 (the judge is no better than chance, so nothing can be corrected).
+    """
+    p, se, sp = rate_ci.value, sensitivity_ci.value, specificity_ci.value
+    for name, e in (("rate", rate_ci), ("sensitivity", sensitivity_ci),
+                    ("specificity", specificity_ci)):
+        if not (0.0 <= e.lo <= e.value <= e.hi <= 1.0):
+            raise ValueError(f"{name} must satisfy 0 <= lo <= value <= hi <= 1, got "
+                             f"{e.value} [{e.lo}, {e.hi}]")
+    if se + sp <= 1.0:
+        raise ValueError(f"sensitivity + specificity = {se + sp:.4g} <= 1: the judge is no "
+                         "better than chance and its rate cannot be corrected; validate a "
+                         "better judge or report the raw rate")
+    value = min(1.0, max(0.0, (p + sp - 1.0) / (se + sp - 1.0)))
+    conf = min(rate_ci.conf, sensitivity_ci.conf, specificity_ci.conf)
+    n = rate_ci.n
+    if sensitivity_ci.lo + specificity_ci.lo <= 1.0:
+        return Estimate(value, 0.0, 1.0, n, "rogan-gladen, unbounded (sens + spec may be "
+                        "<= 1 within the input intervals)", conf)
+    corners = [(pp + s2 - 1.0) / (s1 + s2 - 1.0)
+               for pp in (rate_ci.lo, rate_ci.hi)
+               for s1 in (sensitivity_ci.lo, sensitivity_ci.hi)
+               for s2 in (specificity_ci.lo, specificity_ci.hi)]
+    lo = min(1.0, max(0.0, min(corners)))
+    hi = min(1.0, max(0.0, max(corners)))
+    return Estimate(value, min(lo, value), max(hi, value), n,
+                    "rogan-gladen, interval arithmetic", conf)
