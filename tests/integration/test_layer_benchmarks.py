@@ -22,6 +22,7 @@ from probes.paths import cache_root
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 1800  # a hang guard, as in the other integration tests (cold cache, loaded machine)
 FILES = ("test_layer_significance.py", "test_extraction_methods.py", "test_transfer.py")
 HYPOTHESES = {
     "LAYER-VALID", "LAYER-SIGNIFICANT", "LAYER-PEAK-LATE", "LAYER-GROWTH",
@@ -50,7 +51,7 @@ def test_layer_benchmarks_report(
         *(str(ROOT / "benchmarks" / f) for f in FILES), "--profile", "quick",
         "--cache-dir", cache_dir,
         "-p", "no:cacheprovider", "--report-json", str(out / "r.json"),
-        "--report-html", str(out / "r.html"), timeout=300,
+        "--report-html", str(out / "r.html"), timeout=TIMEOUT_S,
     )
     # Failing hypotheses fail tests (scientific results); anything else is a bug.
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
