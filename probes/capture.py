@@ -43,6 +43,7 @@ from probes.errors import SiteUnavailable
 from probes.kernels import few_row_linears
 from probes.layout import ResidualLayout, hidden_state_of
 from probes.packing import packed_mlps
+from probes.timing import timed
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "attn_v"]
 Positions = Literal["last", "post_instruction", "all"]
@@ -262,6 +263,7 @@ def prefix_kv_cache(decoder: nn.Module, prefix: torch.Tensor, rows: int) -> Any:
     return cache
 
 
+@timed("prefill")
 def last_position_logits(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], device: torch.device | str
 ) -> torch.Tensor:
@@ -360,6 +362,7 @@ def on_device_of(t: torch.Tensor, like: torch.Tensor,
     return out
 
 
+@timed("prefill")
 @torch.inference_mode()
 def capture(
     layout: ResidualLayout,

@@ -31,6 +31,7 @@ from probes.capture import (
 )
 from probes.kernels import few_row_linears
 from probes.packing import packed_mlps
+from probes.timing import timed
 
 __all__ = ["Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
            "prefix_sharing_supported", "stop_token_ids"]
@@ -229,6 +230,7 @@ def _generate_batch(
     return [list(map(int, row)) for row in out[:, width:].tolist()]
 
 
+@timed("decode")
 @torch.inference_mode()
 def generate(
     model: Any,

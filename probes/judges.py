@@ -93,6 +93,7 @@ from probes.capture import (
     with_cache,
 )
 from probes.stats import BoolArray, Estimate, FloatArray, rate
+from probes.timing import timed
 
 __all__ = [
     "AMBIGUOUS_OPENER_NOTE",
@@ -245,6 +246,7 @@ def is_refusal(text: str) -> bool:
     return refusal_match(text) is not None
 
 
+@timed("judge")
 def refusal_judge(texts: Sequence[str]) -> BoolArray:
     """:func:`is_refusal` over a list: ``[n]`` booleans."""
     return np.fromiter((is_refusal(t) for t in texts), dtype=np.bool_, count=len(texts))
@@ -309,6 +311,7 @@ class LabelledRow(Protocol):
     def is_refusal(self) -> bool: ...
 
 
+@timed("judge")
 def validate_refusal_judge(
     judge: Callable[[Sequence[str]], npt.ArrayLike], rows: Sequence[LabelledRow], conf: float = 0.95
 ) -> JudgeValidation:
@@ -401,6 +404,7 @@ def refusal_token_ids(
     return sorted(ids)
 
 
+@timed("judge")
 def refusal_logit_scores(
     model: Any,
     tokenizer: Any,
@@ -433,6 +437,7 @@ def refusal_logit_scores(
     return out
 
 
+@timed("judge")
 def arditi_judge(texts: Sequence[str]) -> BoolArray:
     """The published rule, for comparison: any of the 12 phrases anywhere in the raw text,
     case-insensitive, no normalisation (so "I can’t" with a typographic apostrophe misses)."""
@@ -657,6 +662,7 @@ def degeneracy(text: str, expected_script: str | None = "latin") -> DegeneracyRe
     return DegeneracyResult(bool(reasons), reasons)
 
 
+@timed("judge")
 def degeneracy_results(
     texts: Sequence[str], expected_script: str | Sequence[str | None] | None = "latin"
 ) -> list[DegeneracyResult]:
@@ -670,6 +676,7 @@ def degeneracy_results(
     return [degeneracy(t, s) for t, s in zip(texts, scripts, strict=True)]
 
 
+@timed("judge")
 def degeneracy_judge(
     texts: Sequence[str], expected_script: str | Sequence[str | None] | None = "latin"
 ) -> BoolArray:
@@ -725,6 +732,7 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+@timed("judge")
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -871,6 +879,7 @@ def _score_replies(
             out[row] = value
 
 
+@timed("judge")
 def is_coherent(
     model: Any,
     tokenizer: Any,
@@ -908,6 +917,7 @@ interval's midpoint, 0.016, would have scored one more held-out row correctly, n
 """
 
 
+@timed("judge")
 def relevance_pmi(
     model: Any,
     tokenizer: Any,
@@ -930,6 +940,7 @@ def relevance_pmi(
         return np.asarray(np.log(base) - np.log(cond), dtype=np.float64)
 
 
+@timed("judge")
 def contextual_refusal_judge(
     model: Any,
     tokenizer: Any,

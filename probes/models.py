@@ -38,6 +38,7 @@ from probes.chat import ChatFormat, TemplateMode
 from probes.errors import ModelFileError, ModelNotFound
 from probes.layout import ResidualLayout, find_layout
 from probes.paths import atomic_write_bytes, cache_root
+from probes.timing import timed
 from probes.tiny import TINY_ARCHS, tiny_model
 
 log = logging.getLogger(__name__)
@@ -570,6 +571,7 @@ def _finish(
     )
 
 
+@timed("load")
 def load(
     spec: str = DEFAULT_MODEL,
     device: str = "cpu",

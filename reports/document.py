@@ -17,8 +17,12 @@ Top-level shape (``reports/report.schema.json`` is the exact contract)::
                   plots, texts, checks} ... sorted by nodeid ],
       "collection_errors": [{nodeid, longrepr}],
       "baseline": null | {path, regressions, rows, fingerprint_changes, notes,
-                          refusals, not_comparable}
+                          refusals, not_comparable},
+      "profile": {columns, modules: [{module, tests, wall_s, load, prefill, decode, judge,
+                  statistics}], total, outside_tests}   # optional; reports.profile
     }
+
+Each test entry may also carry ``profile``: its wall time split by kind of work.
 """
 
 from __future__ import annotations

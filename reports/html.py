@@ -16,6 +16,7 @@ from typing import Any
 from reports.document import write_text_atomic
 from reports.measure import format_value
 from reports.plots import render_plot
+from reports.profile import profile_rows
 from reports.text import visible
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
@@ -202,6 +203,7 @@ def _run_view(doc: dict[str, Any], index: int) -> dict[str, Any]:
         "registry": doc["registry"],
         "collection_errors": doc["collection_errors"],
         "baseline": baseline,
+        "profile": profile_rows(doc["profile"]) if doc.get("profile") else None,
         "baseline_changes": [row for row in baseline["rows"] if row["status"] != "same"]
         if baseline
         else [],

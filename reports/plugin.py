@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from probes.timing import CLOCK, KINDS
 from reports.baseline import Comparison, compare, format_table, incomplete_reasons
 from reports.document import (
     SCHEMA_VERSION,
@@ -43,6 +44,7 @@ from reports.document import (
     write_json_atomic,
 )
 from reports.measure import Measure, check_record, format_value
+from reports.profile import one_test_profile, profile_section, profile_table
 from reports.provenance import git_state, machine, now_iso, package_versions, python_info
 from reports.registry import (
     Registry,
@@ -98,6 +100,7 @@ class RunState:
     provenance: dict[str, Any]
     baseline_doc: dict[str, Any] | None = None
     pending: dict[str, PendingTest] = field(default_factory=dict)
+    work_at_start: dict[str, float] = field(default_factory=CLOCK.snapshot)
     tests: dict[str, dict[str, Any]] = field(default_factory=dict)
     collection_errors: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
@@ -112,6 +115,7 @@ SETTINGS_KEY = pytest.StashKey[Settings]()
 REGISTRY_KEY = pytest.StashKey[Registry]()
 RUN_KEY = pytest.StashKey[RunState]()
 MEASURE_KEY = pytest.StashKey[Measure]()
+PROFILE_START_KEY = pytest.StashKey[tuple[float, dict[str, float]]]()
 
 
 # -- options and configuration ----------------------------------------------------------------
@@ -167,6 +171,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before fixtures.plugin's, which may load models
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -373,6 +378,21 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     return result
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Note the time and the work counters before the test's fixtures are set up."""
+    item.stash[PROFILE_START_KEY] = (time.perf_counter(), CLOCK.snapshot())
+
+
+def _item_profile(item: pytest.Item) -> dict[str, float] | None:
+    """The test's wall time, setup to teardown, split by kind of work (probes.timing)."""
+    start = item.stash.get(PROFILE_START_KEY, None)
+    if start is None:
+        return None
+    t0, before = start
+    return one_test_profile(time.perf_counter() - t0, CLOCK.since(before))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -385,6 +405,7 @@ def pytest_runtest_makereport(
             "claims": list(claim_ids(item)),
             "worker": workerinput.get("workerid") if isinstance(workerinput, dict) else None,
             "data": None if measure_obj is None else measure_obj.data.as_json(),
+            "profile": _item_profile(item),
         }
         try:
             text = json.dumps(payload, allow_nan=False)
@@ -587,6 +608,10 @@ class _Controller:
                     red=True,
                     bold=True,
                 )
+        table = profile_table(doc.get("profile") or {})
+        if table and _model_work(doc):
+            terminalreporter.write_sep("=", "refusalbench time by module and kind of work")
+            terminalreporter.write_line(table)
         lines = [*state.notes]
         if settings.report_json is not None:
             lines.append(f"JSON report: {settings.report_json}")
@@ -651,7 +676,30 @@ class _Controller:
                 for nodeid, text in sorted(state.collection_errors.items())
             ],
             "baseline": None,
+            "profile": profile_section(tests, self._work_outside_tests(tests)),
         }
+
+    def _work_outside_tests(self, tests: list[dict[str, Any]]) -> dict[str, float] | None:
+        """Seconds of each kind of work this process did outside every test (models loaded
+        during collection); None when tests ran in xdist workers, whose work is not here."""
+        if any(t.get("worker") is not None for t in tests):
+            return None
+        spent = CLOCK.since(self.state.work_at_start)
+        for test in tests:
+            for kind, seconds in (test.get("profile") or {}).items():
+                if kind in spent:
+                    spent[kind] = max(spent[kind] - float(seconds), 0.0)
+        return spent
+
+
+def _model_work(doc: dict[str, Any]) -> bool:
+    """Whether the run did model work (loading, passes, judging): the profile is worth a
+    table then, not for a run of plain tests."""
+    profile = doc.get("profile") or {}
+    total = profile.get("total") or {}
+    outside = profile.get("outside_tests") or {}
+    return any(float(total.get(k, 0.0) or 0.0) + float(outside.get(k, 0.0) or 0.0) > 0
+               for k in KINDS)
 
 
 def _write_html(path: Path, doc: dict[str, Any]) -> None:
@@ -695,6 +743,7 @@ def _test_entry(pending: PendingTest, registry: Registry) -> dict[str, Any]:
         "plots": data.get("plots", []),
         "texts": data.get("texts", []),
         "checks": checks,
+        "profile": payload.get("profile"),
     }
 
 

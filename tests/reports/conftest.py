@@ -178,7 +178,9 @@ def _normalise(doc: dict[str, Any]) -> dict[str, Any]:
     prov = doc["provenance"]
     for key in ("started_at", "finished_at", "duration_s", "invocation", "workers"):
         prov.pop(key, None)
+    doc.pop("profile", None)  # seconds, and outside_tests is unknown under xdist
     for test in doc["tests"]:
         test.pop("duration_s")
         test.pop("worker")
+        test.pop("profile", None)
     return doc
