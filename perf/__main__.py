@@ -30,6 +30,10 @@ Sections (default: all but ``doseresponse``):
 * ``abliteration`` (peers): orthogonalising every residual writer of every layer:
   ``probes.abliteration.orthogonalised`` (in place, restored) and ``orthogonalise`` (copy)
   vs a plain deep copy + in-place edit loop; wall time and peak RSS.
+* ``bench-profile`` (opt-in, no model): where a ``make bench`` run spent its time, read from
+  its JSON report (``--bench-report``, default ``reports/out/report.json``): seconds per
+  benchmark module in model loading, prompt passes (prefill), generation (decode), judging and
+  the rest (statistics). Printed as a table and written under ``bench_profile`` in the JSON.
 
 Everything is measured in one process, interleaved (ABAB...), median over ``--repeats``;
 peak memory per tool in a separate child process doing the same work once. Writes
@@ -57,8 +61,10 @@ from probes.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("load", "activations", "generation", "doseresponse", "compare-acts",
-            "compare-steer", "abliteration")
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "doseresponse")
+            "compare-steer", "abliteration", "bench-profile")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("doseresponse", "bench-profile"))
+MODEL_SECTIONS = tuple(s for s in SECTIONS if s != "bench-profile")
+DEFAULT_BENCH_REPORT = REPO / "reports" / "out" / "report.json"
 DEFAULT_MODELS = ("default", "smollm2-135m-instruct")
 DEFAULT_OUT = REPO / "reports" / "out" / "perf.json"
 
@@ -135,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m perf",
         description="Timing and memory of the suite against its targets and peer tools.",
-        epilog="sections: " + ", ".join(SECTIONS) + " (default: all but doseresponse)")
+        epilog="sections: " + ", ".join(SECTIONS)
+        + " (default: all but doseresponse and bench-profile)")
     p.add_argument("--model", action="append", dest="models", metavar="SPEC",
                    help="model alias, .gguf or HF directory; repeatable "
                         f"(default: {' and '.join(DEFAULT_MODELS)})")
@@ -151,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-load", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the cold (GGUF) load (default: on, off with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--bench-report", type=Path, default=DEFAULT_BENCH_REPORT,
+                   help="the `make bench` JSON report the bench-profile section reads "
+                        f"(default {DEFAULT_BENCH_REPORT})")
     p.add_argument("--dtype", default="auto",
                    help="dtype of every model and of the matmul roofline (default auto, as the "
                         "benchmark suite: bfloat16 on CPUs with AVX512-BF16/AMX, else float32)")
@@ -292,7 +302,7 @@ class Run:
         gc.collect()
         gc.freeze()  # the collections between timed runs then skip the long-lived heap
         for section in self.sections:
-            if section == "load":
+            if section in ("load", "bench-profile"):  # load ran first; the profile reads a report
                 continue
             fn: Callable[[Any, Any, Any, dict[str, Any]], None] = {
                 "activations": self.section_activations, "generation": self.section_generation,
@@ -739,6 +749,60 @@ class Run:
                                f"peak RSS, {label}", res)
 
 
+def bench_profile(report: Path) -> dict[str, Any]:
+    """The ``profile`` of a ``make bench`` JSON report with its table rows, or an entry
+    with ``error`` saying why there is none (no report, not a report, no profile in it)."""
+    from reports.document import ReportError, load_report
+    from reports.profile import profile_rows
+
+    if not report.is_file():
+        return {"report": str(report), "error": f"no report at {report}: run `make bench` "
+                "first, or pass --bench-report PATH"}
+    try:
+        doc = load_report(report)
+    except ReportError as exc:
+        return {"report": str(report), "error": str(exc)}
+    profile = doc.get("profile")
+    if not profile or not profile.get("modules"):
+        return {"report": str(report), "error": f"{report} holds no time profile (written "
+                "before profiling existed, or no test finished): rerun `make bench`"}
+    headers, rows = profile_rows(profile)
+    return {"report": str(report), "complete": doc.get("complete"), "profile": profile,
+            "table": {"headers": headers, "rows": rows}}
+
+
+def _profile_text(entry: dict[str, Any]) -> str:
+    """The bench-profile entry as printed lines."""
+    from reports.profile import profile_table
+
+    if "error" in entry:
+        return f"\n== bench-profile: not available: {entry['error']}\n"
+    partial = "" if entry.get("complete") else " (incomplete run)"
+    return (f"\n== bench-profile: {entry['report']}{partial}, seconds by module and kind "
+            f"of work\n{profile_table(entry['profile'])}\n")
+
+
+def _write_json(out: Path, doc: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp_out.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp_out, out)
+
+
+def _profile_only(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--sections bench-profile`` alone: read the report, no model, no timing run."""
+    from perf.report import now_iso
+
+    entry = bench_profile(Path(args.bench_report))
+    doc = {"schema": "refusalbench-perf/1", "date": now_iso(),
+           "command": "python -m perf " + " ".join(sys.argv[1:] if argv is None else argv),
+           "sections": ["bench-profile"], "bench_profile": entry}
+    _write_json(Path(args.out), doc)
+    sys.stdout.write(_profile_text(entry))
+    sys.stdout.write(f"\nwrote {args.out}\n")
+    return 1 if "error" in entry else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -746,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections = _parse_sections(args.sections)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    if sections == ("bench-profile",):
+        return _profile_only(args, argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -790,16 +856,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         doc["load_average_at_end"] = list(os.getloadavg())
     doc["models"] = {r.spec: r.as_json() for r in reports}
+    if "bench-profile" in sections:
+        doc["bench_profile"] = bench_profile(Path(args.bench_report))
     doc["targets"] = [
         {"model": r.spec, "figure": f.id, "value": f.value, "target": target_text(f),
          "met": f.met}
         for r in reports for f in r.figures.values() if f.target is not None]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp_out, out)
+    _write_json(out, doc)
     sys.stdout.write(render_table(doc, reports))
+    if "bench_profile" in doc:
+        sys.stdout.write(_profile_text(doc["bench_profile"]))
     sys.stdout.write(f"\nwrote {out} ({doc['wall_seconds']:.0f}s)\n")
     return 0
 
