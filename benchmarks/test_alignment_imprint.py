@@ -103,15 +103,17 @@ def test_imprint_features(bench: Workbench, measure: Any) -> None:
 def test_provider_effect(pytestconfig: pytest.Config, bench_config: BenchConfig,
                          measure: Any) -> None:
     """Do models of one provider lie closer in imprint feature space than of different ones?"""
+    # Each model's imprint was computed by its own tests: the Workbenches answer from their
+    # cached activations, without reloading a model the pool has evicted.
     benches = [get_bench(pytestconfig, spec) for spec in session_models(pytestconfig)]
-    providers = [b.lm.provider or None for b in benches]
+    providers = [b.provider or None for b in benches]
     rows = []
     for b, prov in zip(benches, providers, strict=True):
         imp = imprint(b)
         _record(b, imp, measure)
-        rows.append([b.lm.name, prov or "unknown", *imp.vector(IMPRINT_FEATURES).tolist()])
-    fps = "".join(b.lm.fingerprint for b in benches)
-    measure.model(" + ".join(b.lm.name for b in benches),
+        rows.append([b.name, prov or "unknown", *imp.vector(IMPRINT_FEATURES).tolist()])
+    fps = "".join(b.fingerprint for b in benches)
+    measure.model(" + ".join(b.name for b in benches),
                   hashlib.sha256(fps.encode()).hexdigest(), kind="all models of the session",
                   providers=[p or "unknown" for p in providers])
     measure.table("models", ["model", "provider", *IMPRINT_FEATURES], rows)

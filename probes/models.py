@@ -647,7 +647,7 @@ def _load(
         # Fail early and clearly when the packages are missing, even with a warm cache.
         for pkg in entry.packages:
             _package_dir(pkg, entry)
-        key = f"{entry.alias}-{(entry.sha256 or 'nosha')[:16]}"
+        key = _converted_key(entry)
         out_dir, meta = _ensure_converted(key, make_gguf, root)
         model, tok = _load_hf_dir(out_dir, torch_dtype, device, args)
         return _finish(entry.alias, spec, model, tok, meta["fingerprint"], entry.provider,
@@ -703,6 +703,31 @@ def _load(
         "use one of the aliases " + ", ".join(known_aliases())
         + ", a path to a .gguf file or a Hugging Face model directory",
     )
+
+
+def _converted_key(entry: RegistryEntry) -> str:
+    """The folder name of a packaged model's converted safetensors under <cache>/models."""
+    return f"{entry.alias}-{(entry.sha256 or 'nosha')[:16]}"
+
+
+def weights_source(spec: str, cache_dir: str | os.PathLike[str] | None = None,
+                   model_args: Mapping[str, Any] | None = None) -> Path | None:
+    """Where ``spec``'s weights are, found without loading or converting anything: the
+    converted safetensors directory of a packaged alias (None before its first load), a
+    .gguf file, a model directory or a cached hub snapshot; None for tiny models and what
+    cannot be found. For size estimates (the model pool) only."""
+    if spec.startswith("tiny-"):
+        return None
+    if spec in _ALIASES:
+        entry = REGISTRY[_ALIASES[spec]]
+        out_dir = cache_root(cache_dir) / "models" / _converted_key(entry)
+        return out_dir if out_dir.is_dir() else None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or path.is_dir():
+        return path if path.exists() else None
+    if "/" in spec and not spec.startswith((".", "/")):
+        return _hub_snapshot(spec, (model_args or {}).get("revision"), False)
+    return None
 
 
 def _hub_snapshot(spec: str, revision: Any, allow_download: bool) -> Path | None:

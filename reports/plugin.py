@@ -609,7 +609,8 @@ class _Controller:
                     bold=True,
                 )
         table = profile_table(doc.get("profile") or {})
-        if table and _model_work(doc):
+        reporting = settings.report_json is not None or settings.report_html is not None
+        if table and reporting and _model_work(doc):
             terminalreporter.write_sep("=", "refusalbench time by module and kind of work")
             terminalreporter.write_line(table)
         lines = [*state.notes]

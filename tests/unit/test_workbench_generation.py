@@ -3,6 +3,7 @@ row, give each arm the replies it gets alone, and are cached per arm like Workbe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def test_generation_key_names_the_matmul_layout(tmp_path: Path,
     are cached apart: they round differently."""
     bench = _bench(tmp_path)
     harm = bench.harmful_split.test.sample(2, 0, "category")
-    monkeypatch.setattr(bench.lm, "dtype", torch.float32)  # the layout is float32-only
+    # the layout is float32-only; the key reads the dtype the Workbench noted of its model
+    monkeypatch.setattr(bench, "_facts", replace(bench.facts, dtype=torch.float32))
     monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
     on, on_src, _ = bench._gen_entry(harm, "none", 8)
     on_tag = layout_tag(torch.float32, "cpu")  # e.g. "onednn+rows-first>=512Ki"
