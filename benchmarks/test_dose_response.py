@@ -566,8 +566,8 @@ def test_overrefusal_alarming_vs_plain(bench: Workbench, measure: Any) -> None:
             row += [e.value, e.lo, e.hi]
         rows.append([*row, float(al.harmless[j].degenerate.mean())])
     measure.table("overrefusal_by_alpha",
-                  ["alpha", "alarming refusal", "lo", "hi", "plain refusal", "lo", "hi",
-                   "alarming degenerate"], rows)
+                  ["alpha", "alarming refusal", "alarming lo", "alarming hi", "plain refusal",
+                   "plain lo", "plain hi", "alarming degenerate"], rows)
     measure.plot("overrefusal_by_alpha", "line", x=[float(a) for a in al.alphas],
                  series=series, bands=bands, xlabel="alpha (raw units)",
                  ylabel="judged refusal rate (Wilson 95 %)",
