@@ -295,13 +295,15 @@ def test_abliteration_first_token_kl_is_small(bench: Workbench, measure) -> None
 
 
 @cache
-def _overrefusal(bench: Workbench) -> tuple[PromptSet, Any, Any]:
+def _overrefusal(bench: Workbench) -> tuple[PromptSet, Any, Any] | str:
     """Replies to the benign-but-alarming prompts (``bench.overrefusal_gen``) before and
     after the same edit as :func:`_outcome` (the unedited replies are the dose-response
-    sweep's alpha = 0 arm: the same cache entry)."""
+    sweep's alpha = 0 arm: the same cache entry), or why the prompts are unavailable."""
     out = _outcome(bench)
     lm = bench.lm
     alarming = bench.overrefusal_gen
+    if isinstance(alarming, str):
+        return alarming
 
     def edit() -> AbstractContextManager[Any]:
         return orthogonalised(lm.layout, out.direction, model=lm.model,
@@ -313,7 +315,12 @@ def _overrefusal(bench: Workbench) -> tuple[PromptSet, Any, Any]:
 @pytest.mark.claim("OVERREFUSAL-ABLITERATION-NO-RISE")
 def test_abliteration_does_not_raise_overrefusal(bench: Workbench, measure) -> None:  # type: ignore[no-untyped-def]
     out = _outcome(bench)
-    alarming, before_g, after_g = _overrefusal(bench)
+    got = _overrefusal(bench)
+    if isinstance(got, str):
+        bench.record_model(measure)
+        measure.skip("OVERREFUSAL-ABLITERATION-NO-RISE", got)
+        raise AssertionError("measure.skip returned")  # it raises; for the type checker
+    alarming, before_g, after_g = got
     bench.record_model(measure, alarming)
     before, after = refusal_judge(before_g.texts), refusal_judge(after_g.texts)
     n = len(before)

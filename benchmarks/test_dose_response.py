@@ -252,22 +252,27 @@ def alarming_arms(bench: Workbench, units: Units) -> list[tuple[PromptSet, Steer
     """The over-refusal arm of the raw sweep: ``bench.overrefusal_gen`` (benign requests
     that sound alarming) at every alpha >= 0 of the grid, in ascending order; none for the
     ratio sweep (over-refusal is a positive-side effect; the raw sweep gives TI-S)."""
-    if units != "raw":
+    alarming = bench.overrefusal_gen
+    if units != "raw" or isinstance(alarming, str):
         return []
     layers = sweep_layers(bench, units)
-    return [(bench.overrefusal_gen, make_plan(bench, units, layers, float(alpha)))
+    return [(alarming, make_plan(bench, units, layers, float(alpha)))
             for alpha in sweep_alphas(bench, units) if alpha >= 0.0]
 
 
 @cache
-def alarming_sweep(bench: Workbench) -> Sweep:
+def alarming_sweep(bench: Workbench) -> Sweep | str:
     """The raw sweep's positive side with the benign-but-alarming prompts in place of the
-    plain harmless ones (their replies were generated with the sweep's)."""
+    plain harmless ones (their replies were generated with the sweep's), or why there is
+    none."""
     sw = run_sweep(bench, "raw")
+    alarming = bench.overrefusal_gen
+    if isinstance(alarming, str):
+        return alarming
     pos = np.flatnonzero(sw.alphas >= 0.0)
     judged = run_arms(bench, alarming_arms(bench, "raw"))
     return Sweep("raw", sw.layers, sw.alphas[pos], tuple(sw.harmful[i] for i in pos),
-                 tuple(judged), sw.harmful_set, bench.overrefusal_gen, sw.wall_s)
+                 tuple(judged), sw.harmful_set, alarming, sw.wall_s)
 
 
 # --------------------------------------------------------------------------- doses
@@ -549,6 +554,10 @@ def test_overrefusal_alarming_vs_plain(bench: Workbench, measure: Any) -> None:
     an = analyse(bench, "raw")
     sw = an.sweep
     al = alarming_sweep(bench)
+    if isinstance(al, str):
+        bench.record_model(measure, sw.harmless_set, sw.harmful_set)
+        measure.skip("OVERREFUSAL-ALARMING-ABOVE-PLAIN", al)
+        raise AssertionError("measure.skip returned")  # it raises; for the type checker
     bench.record_model(measure, sw.harmless_set, al.harmless_set, sw.harmful_set)
     needs_refusal(bench, measure, "OVERREFUSAL-ALARMING-ABOVE-PLAIN")
     rows = []

