@@ -329,9 +329,8 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
                   [[layer, loc.detection_auc[j], det_ci[j].lo, det_ci[j].hi, loc.detection_d[j],
                     loc.decision_auc[j], dec_ci[j].lo, dec_ci[j].hi, loc.decision_p[j],
                     loc.decision_p_holm[j]] for j, layer in enumerate(st.layers)])
-    ref_layer = causal_reference(bench, measure, st, "DP-DETECT-EXCEEDS-DECISION")
     peak = loc.detection_peak_layer
-    boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers, at_layer=ref_layer,
+    boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers, at_layer=peak,
                                     n_boot=bench.cfg.n_boot, seed=bench.cfg.seed,
                                     fraction=SATURATION_FRACTION)
     n_all = st.n + len(st.pb)
@@ -368,7 +367,7 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
                         ("decision peak", loc.decision_peak_layer),
                         ("detection saturation (95 %)", loc.saturation_layer),
                         ("detection peak", peak),
-                        ("reference causal layer", ref_layer)):
+                        ("reference causal layer", bench.causal_layers.reference_layer)):
         if layer is None:
             continue
         cluster = next(((a, b) for a, b in la.clusters if a <= layer <= b), None)
@@ -381,6 +380,11 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
     if loc.decision_saturation_layer is not None:
         measure.metric("decision_saturation_minus_settling_layer",
                        loc.decision_saturation_layer - la.settling_layer, units="layers")
+    ref_layer = causal_reference(bench, measure, st, "DP-DETECT-EXCEEDS-DECISION")
+    if ref_layer != peak:  # the AUC difference's interval at the judged layer
+        boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers,
+                                        at_layer=ref_layer, n_boot=bench.cfg.n_boot,
+                                        seed=bench.cfg.seed, fraction=SATURATION_FRACTION)
     c = st.col(ref_layer)
     diff = float(loc.detection_auc[c] - loc.decision_auc[c])
     lo, hi = percentile_interval(boot.auc_difference)
@@ -417,8 +421,6 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
     reason = skip_reason(st)
     if reason is not None:
         measure.skip("MONITOR-REFUSAL-HIGHER", reason)
-    ref_layer = causal_reference(bench, measure, st, "MONITOR-REFUSAL-HIGHER")
-    measure.metric("monitor_layer (reference causal)", ref_layer)
     refused = st.refused
     rows, pvals, diffs = [], [], {}
     for layer in st.layers:
@@ -453,6 +455,8 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                      hlines=[(0.0, "no difference")], xlabel="layer",
                      ylabel="mean projection, steps 1-5",
                      title="Refusals vs compliant replies over their first five tokens")
+    ref_layer = causal_reference(bench, measure, st, "MONITOR-REFUSAL-HIGHER")
+    measure.metric("monitor_layer (reference causal)", ref_layer)
     record_group_means(bench.cfg.n_boot, bench.cfg.seed, measure, st, ref_layer)
     if ref_layer not in diffs:
         measure.skip("MONITOR-REFUSAL-HIGHER",
