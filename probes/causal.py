@@ -60,6 +60,7 @@ __all__ = [
     "causal_layer_test",
     "check_disjoint_selection",
     "signed_rank_p",
+    "spaced",
 ]
 
 ADD_ALPHA = 1.0  # raw units: + r_l moves the harmless mean onto the harmful mean at layer l
@@ -145,6 +146,19 @@ def arm_scores(
         with steer(layout, plan_raw({layer: v}, add_alpha)):
             data["added"].append(scores(harmless))
     return data
+
+
+def spaced(layers: Sequence[int], at_most: int) -> list[int]:
+    """At most ``at_most`` of ``layers`` (sorted), evenly spaced from the last one down, so
+    the deepest layer is always tested; all of them when there are few enough."""
+    chosen = sorted(layers)
+    if at_most < 1:
+        raise ValueError(f"at_most must be >= 1, got {at_most}")
+    if len(chosen) <= at_most:
+        return chosen
+    step = len(chosen) / at_most
+    idx = {len(chosen) - 1 - int(k * step) for k in range(at_most)}
+    return [chosen[i] for i in sorted(idx)]
 
 
 # --------------------------------------------------------------------------- the test

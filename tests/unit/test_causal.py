@@ -22,6 +22,7 @@ from probes.causal import (
     check_disjoint_selection,
     from_scores,
     signed_rank_p,
+    spaced,
 )
 from probes.errors import PromptSetError
 from probes.interventions import count_hooks
@@ -189,7 +190,7 @@ def test_selection_prompts_are_disjoint_from_the_judged_ones(tmp_path: Path,
     harm, safe = bench.causal_pair()
     assert set(harm.texts) <= set(bench.harmful_split.test.texts)
     assert set(safe.texts) <= set(bench.harmless_split.val.texts)
-    assert len(harm) >= 16 and len(safe) >= 16
+    assert len(harm) >= 12 and len(safe) >= 12
     judged = [bench.gen_pair()[0], bench.harmful_split.val, bench.harmbench,
               bench.eval_pair()[1], *bench.train_pair()]
     check_disjoint_selection([harm, safe], judged)  # raises on any shared prompt
@@ -211,3 +212,12 @@ def test_workbench_causal_layers_are_read_from_disk(tmp_path: Path) -> None:
     assert calls == []
     np.testing.assert_array_equal(first.ablated, second.ablated)
     np.testing.assert_array_equal(first.p_add_holm, second.p_add_holm)
+
+
+def test_spaced_layers_keep_the_last_and_spread_evenly() -> None:
+    assert spaced([3, 1, 2], 12) == [1, 2, 3]
+    picked = spaced(list(range(1, 24)), 12)
+    assert len(picked) == 12 and picked[-1] == 23 and picked == sorted(set(picked))
+    assert int(np.diff(picked).max()) <= 2
+    with pytest.raises(ValueError):
+        spaced([1], 0)
