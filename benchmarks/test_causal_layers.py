@@ -2,7 +2,8 @@
 
 Per informative layer l of ``--layers``: r̂_l projected out of the input of block l on held-out
 harmful prompts (harmful *test* part), and r_l added there (alpha 1, the suite's raw unit) on
-held-out harmless prompts (harmless *val* part), ``max(16, n_eval // 2)`` each. The outcome per
+held-out harmless prompts (harmless *val* part), ``max(12, n_eval // 4)`` each, at most 12
+evenly spaced layers (the deepest included). The outcome per
 prompt is the first-token refusal score (log-odds of the refusal-opening tokens, one forward
 pass; no reply is generated or judged). One-sided Wilcoxon signed-rank tests on the per-prompt
 change, Holm-adjusted over both arms of every layer; a layer is causal when an arm is
