@@ -67,6 +67,7 @@ from probes.stats import (
     mcnemar_one_sided_p,
     mean_ci,
     newcombe_difference,
+    paired_rate_difference,
     rate,
 )
 from prompts import PromptSet
@@ -291,6 +292,68 @@ def test_abliteration_first_token_kl_is_small(bench: Workbench, measure) -> None
     measure.check("ABLITERATION-KL-BOUND", est.value, ci=(est.lo, est.hi), n=len(kl),
                   detail=f"mean over {len(kl)} held-out harmless prompts, bootstrap 95 % "
                          f"interval; edit {out.key}")
+
+
+@cache
+def _overrefusal(bench: Workbench) -> tuple[PromptSet, Any, Any] | str:
+    """Replies to the benign-but-alarming prompts (``bench.overrefusal_gen``) before and
+    after the same edit as :func:`_outcome` (the unedited replies are the dose-response
+    sweep's alpha = 0 arm: the same cache entry), or why the prompts are unavailable."""
+    out = _outcome(bench)
+    lm = bench.lm
+    alarming = bench.overrefusal_gen
+    if isinstance(alarming, str):
+        return alarming
+
+    def edit() -> AbstractContextManager[Any]:
+        return orthogonalised(lm.layout, out.direction, model=lm.model,
+                              norm_preserve=NORM_PRESERVE, source_layer=out.layer)
+
+    return alarming, bench.generate(alarming), bench.generate(alarming, out.key, edit)
+
+
+@pytest.mark.claim("OVERREFUSAL-ABLITERATION-NO-RISE")
+def test_abliteration_does_not_raise_overrefusal(bench: Workbench, measure) -> None:  # type: ignore[no-untyped-def]
+    out = _outcome(bench)
+    got = _overrefusal(bench)
+    if isinstance(got, str):
+        bench.record_model(measure)
+        measure.skip("OVERREFUSAL-ABLITERATION-NO-RISE", got)
+        raise AssertionError("measure.skip returned")  # it raises; for the type checker
+    alarming, before_g, after_g = got
+    bench.record_model(measure, alarming)
+    before, after = refusal_judge(before_g.texts), refusal_judge(after_g.texts)
+    n = len(before)
+    record_rate(measure, "overrefusal_rate_before", before)
+    record_rate(measure, "overrefusal_rate_after", after)
+    diff = paired_rate_difference(after, before, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+    measure.metric("overrefusal_change (paired)", diff.value, ci=(diff.lo, diff.hi), n=n)
+    plain_before = refusal_judge(out.before_b.texts)
+    plain_after = refusal_judge(out.after_b.texts)
+    measure.metric("plain_harmless_refusal_change", float(plain_after.mean() - plain_before.mean()),
+                   n=len(plain_before))
+    measure.metric("generation_seconds (over-refusal arm)",
+                   before_g.seconds + after_g.seconds, units="s")
+    labels = alarming.labels.get("category", ("all",) * n)
+    rows = [[cat, int(sum(1 for x in labels if x == cat)),
+             int(sum(b for b, x in zip(before, labels, strict=True) if x == cat)),
+             int(sum(a for a, x in zip(after, labels, strict=True) if x == cat))]
+            for cat in sorted(set(labels))]
+    measure.table("overrefusal_by_category", ["category", "n", "refused_before",
+                                              "refused_after"], rows)
+    measure.texts("overrefusal_replies", [
+        {"prompt": p, "before": b, "after": a}
+        for p, b, a in list(zip(alarming.texts, before_g.texts, after_g.texts,
+                                strict=True))[:8]])
+    if n < MIN_N_PER_CONDITION:
+        measure.skip("OVERREFUSAL-ABLITERATION-NO-RISE",
+                     f"only {n} prompts per condition (the plan needs >= {MIN_N_PER_CONDITION})")
+    p = mcnemar_one_sided_p(before, after, "rise")
+    measure.metric("mcnemar_p_overrefusal_rise", p, n=n)
+    measure.check("OVERREFUSAL-ABLITERATION-NO-RISE", p, n=n,
+                  detail=f"benign-but-alarming refusal {int(before.sum())}/{n} -> "
+                         f"{int(after.sum())}/{n} (suite refusal judge), exact one-sided "
+                         f"McNemar test for a rise; edit {out.key}")
 
 
 def test_export_reloads_to_the_same_logits(bench: Workbench, measure,  # type: ignore[no-untyped-def]

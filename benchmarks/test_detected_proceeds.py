@@ -23,9 +23,16 @@ project higher), Holm-adjusted over layers, is < 0.05 (a point estimate: a first
 layer is biased early under the bootstrap); decision saturation = the 95 % rule applied to
 the decision AUC; decision peak = largest decision AUC. Gaps (decision saturation - detection
 saturation, decision peak - detection peak) carry stratified bootstrap intervals (prompts
-resampled within refused / complied / harmless). The DETECTED_PROCEEDS hypotheses are judged
-at the detection-peak layer, which is chosen without the refusal labels; the per-token one at
-the middle layer (trait-vector log: L32 of 64), with every layer in a Holm table beside it.
+resampled within refused / complied / harmless).
+
+Where the claims are judged: at the reference causal layer (``bench.causal_layers``,
+``probes.causal``): the layer whose refusal direction, ablated at its own block, lowers the
+first-token refusal score of harmful prompts and, added there, raises that of harmless ones,
+most. It is selected on harmful *test*-part and harmless *val*-part prompts, disjoint from the
+prompts judged here (harmful val part and HarmBench, harmless test part; checked), never on
+the max-AUC layer of these data. When no layer is causal the claims are not evaluable and
+are skipped with the reason. The detection peak and the middle layer are still reported,
+and the per-token comparison has every layer in a Holm table beside the judged one.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import torch
 
 from fixtures.workbench import Workbench
 from probes.cache import read_json_entry, write_json_entry
+from probes.causal import check_disjoint_selection, record_causal_layers
 from probes.detected_proceeds import (
     DECISION_ALPHA,
     MONITOR_DEPTH,
@@ -215,6 +223,25 @@ def _record_common(bench: Workbench, measure: Any, st: Study) -> None:
     measure.metric("monitor/step0_vs_capture_max_abs_diff", st.step0_max_abs_diff)
 
 
+def causal_reference(bench: Workbench, measure: Any, st: Study, claim: str) -> int:
+    """The reference causal layer at which ``claim`` is judged, after checking that the
+    prompts that selected it are disjoint from the judged ones; skips ``claim`` (not
+    evaluable, with the reason) when no layer is causal, never falling back to another one."""
+    causal = bench.causal_layers
+    check_disjoint_selection(list(bench.causal_pair()),
+                             [*(p.prompts for p in st.parts), st.harmless], claim)
+    record_causal_layers(measure, causal)
+    reason = causal.no_layer_reason()
+    layer = causal.reference_layer
+    if reason is None and layer not in st.layers:
+        reason = (f"the reference causal layer {layer} is not among the analysed layers "
+                  f"{list(st.layers)}")
+    if reason is not None or layer is None:
+        measure.skip(claim, reason or "no reference causal layer")
+        raise AssertionError("measure.skip returned")  # it raises; for the type checker
+    return layer
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -247,10 +274,12 @@ def test_detected_proceeds_share(bench: Workbench, measure: Any) -> None:
                  hlines=[(1.0 - st.n_refused / st.n, "complied share")],
                  xlabel="layer", ylabel="share of harmful prompts",
                  title="Detected at the train threshold yet complied")
+    measure.metric("detection_peak_layer", ref_layer)
+    ref_layer = causal_reference(bench, measure, st, "DP-SHARE-NONZERO")
     c = st.col(ref_layer)
     row = st.dp[c]
     share = rate(row.n_detected_proceeds, st.n)
-    measure.metric("reference_layer (detection peak)", ref_layer)
+    measure.metric("reference_layer (causal)", ref_layer)
     measure.metric("detected_proceeds_share", share.value, ci=(share.lo, share.hi), n=st.n)
     among = rate(row.n_detected_proceeds, int(complied.sum()))
     measure.metric("detected_proceeds_share_of_complied", among.value, ci=(among.lo, among.hi),
@@ -262,7 +291,8 @@ def test_detected_proceeds_share(bench: Workbench, measure: Any) -> None:
     measure.check("DP-SHARE-NONZERO", share.value, ci=(share.lo, share.hi), n=st.n,
                   label=f"layer {ref_layer}",
                   detail=f"{row.n_detected_proceeds} of {st.n} harmful prompts detected at layer "
-                         f"{ref_layer} (train threshold {row.threshold:.3f}) yet complied")
+                         f"{ref_layer} (reference causal layer; train threshold "
+                         f"{row.threshold:.3f}) yet complied")
 
 
 @pytest.mark.claim("DP-DETECT-EXCEEDS-DECISION")
@@ -299,14 +329,14 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
                   [[layer, loc.detection_auc[j], det_ci[j].lo, det_ci[j].hi, loc.detection_d[j],
                     loc.decision_auc[j], dec_ci[j].lo, dec_ci[j].hi, loc.decision_p[j],
                     loc.decision_p_holm[j]] for j, layer in enumerate(st.layers)])
-    ref_layer = loc.detection_peak_layer
-    boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers, at_layer=ref_layer,
+    peak = loc.detection_peak_layer
+    boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers, at_layer=peak,
                                     n_boot=bench.cfg.n_boot, seed=bench.cfg.seed,
                                     fraction=SATURATION_FRACTION)
     n_all = st.n + len(st.pb)
     measure.metric("saturation_layer_boot", loc.saturation_layer,
                    ci=percentile_interval(boot.saturation), n=n_all)
-    measure.metric("detection_peak_layer_boot", ref_layer,
+    measure.metric("detection_peak_layer_boot", peak,
                    ci=percentile_interval(boot.detection_peak), n=n_all)
     # Decision onset: a point estimate (no bootstrap; see probes.geometry "proceed layers").
     measure.metric("decision_onset_layer",
@@ -318,7 +348,7 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
     measure.metric("decision_peak_layer", loc.decision_peak_layer,
                    ci=percentile_interval(boot.decision_peak), n=st.n)
     measure.metric("gap_decision_peak_minus_detection_peak",
-                   (loc.decision_peak_layer or 0) - ref_layer,
+                   (loc.decision_peak_layer or 0) - peak,
                    ci=percentile_interval(boot.decision_peak - boot.detection_peak), n=n_all,
                    units="layers")
     defined = ~np.isnan(boot.decision_saturation)
@@ -336,7 +366,8 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
                         ("decision saturation (95 %)", loc.decision_saturation_layer),
                         ("decision peak", loc.decision_peak_layer),
                         ("detection saturation (95 %)", loc.saturation_layer),
-                        ("detection peak", ref_layer)):
+                        ("detection peak", peak),
+                        ("reference causal layer", bench.causal_layers.reference_layer)):
         if layer is None:
             continue
         cluster = next(((a, b) for a, b in la.clusters if a <= layer <= b), None)
@@ -349,6 +380,11 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
     if loc.decision_saturation_layer is not None:
         measure.metric("decision_saturation_minus_settling_layer",
                        loc.decision_saturation_layer - la.settling_layer, units="layers")
+    ref_layer = causal_reference(bench, measure, st, "DP-DETECT-EXCEEDS-DECISION")
+    if ref_layer != peak:  # the AUC difference's interval at the judged layer
+        boot = bootstrap_proceed_layers(st.ph, st.pb, st.refused, st.layers,
+                                        at_layer=ref_layer, n_boot=bench.cfg.n_boot,
+                                        seed=bench.cfg.seed, fraction=SATURATION_FRACTION)
     c = st.col(ref_layer)
     diff = float(loc.detection_auc[c] - loc.decision_auc[c])
     lo, hi = percentile_interval(boot.auc_difference)
@@ -359,7 +395,8 @@ def test_detection_exceeds_decision(bench: Workbench, measure: Any) -> None:
     measure.metric("detection_minus_decision_auc", diff, ci=(lo, hi), n=n_all)
     measure.check("DP-DETECT-EXCEEDS-DECISION", diff, ci=(lo, hi), n=n_all,
                   label=f"layer {ref_layer}",
-                  detail=f"detection AUC {loc.detection_auc[c]:.3f} vs decision AUC "
+                  detail=f"reference causal layer {ref_layer}: "
+                         f"detection AUC {loc.detection_auc[c]:.3f} vs decision AUC "
                          f"{loc.decision_auc[c]:.3f} ({st.n_refused} refused, "
                          f"{st.n - st.n_refused} complied; paired stratified bootstrap, "
                          f"{bench.cfg.n_boot} replicates)")
@@ -375,10 +412,12 @@ def _monitor_layer(bench: Workbench, st: Study) -> int:
 def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
     st = _study(bench)
     _record_common(bench, measure, st)
-    ref_layer = _monitor_layer(bench, st)
-    measure.metric("monitor_layer (middle)", ref_layer)
-    record_examples(bench.lm.tokenizer, measure, st, sorted({ref_layer, st.loc.detection_peak_layer,
-                                                 st.layers[-1]}))
+    middle = _monitor_layer(bench, st)
+    measure.metric("middle_layer", middle)
+    ref = bench.causal_layers.reference_layer
+    record_examples(bench.lm.tokenizer, measure, st,
+                    sorted({middle, st.loc.detection_peak_layer, st.layers[-1],
+                            *([ref] if ref in st.layers else [])}))
     reason = skip_reason(st)
     if reason is not None:
         measure.skip("MONITOR-REFUSAL-HIGHER", reason)
@@ -416,6 +455,8 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                      hlines=[(0.0, "no difference")], xlabel="layer",
                      ylabel="mean projection, steps 1-5",
                      title="Refusals vs compliant replies over their first five tokens")
+    ref_layer = causal_reference(bench, measure, st, "MONITOR-REFUSAL-HIGHER")
+    measure.metric("monitor_layer (reference causal)", ref_layer)
     record_group_means(bench.cfg.n_boot, bench.cfg.seed, measure, st, ref_layer)
     if ref_layer not in diffs:
         measure.skip("MONITOR-REFUSAL-HIGHER",
@@ -425,5 +466,6 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                    n=n_a + n_b)
     measure.check("MONITOR-REFUSAL-HIGHER", est.value, ci=(est.lo, est.hi), n=n_a + n_b,
                   label=f"layer {ref_layer}",
-                  detail=f"{n_a} refusals vs {n_b} compliant replies, mean projection on r̂_"
+                  detail=f"reference causal layer; {n_a} refusals vs {n_b} compliant replies, "
+                         f"mean projection on r̂_"
                          f"{ref_layer} over generated tokens 1-5 ({SITE}); bootstrap interval")

@@ -92,7 +92,7 @@ from probes.dose_response import (
 )
 from probes.generation import Generations
 from probes.interventions import SteeringPlan, plan_ratio, plan_raw
-from probes.stats import newcombe_difference, paired_rate_difference, wilson_interval
+from probes.stats import newcombe_difference, paired_rate_difference, rate, wilson_interval
 from prompts import PromptSet
 
 RATIO_BREAKDOWN_UPPER = 1.5  # upper end of TIS-RATIO-BREAKDOWN's range (the registry)
@@ -241,9 +241,38 @@ def run_sweep(bench: Workbench, units: Units) -> Sweep:
     bench.progress(f"[dose] {bench.lm.name} {units} sweep: {len(alphas)} alphas x "
                    f"{len(harm)} harmful + {len(safe)} harmless prompts", force=True)
     plans = [make_plan(bench, units, layers, float(alpha)) for alpha in alphas]
-    judged = run_arms(bench, [(ps, plan) for plan in plans for ps in (harm, safe)])
+    arms = [(ps, plan) for plan in plans for ps in (harm, safe)]
+    # The over-refusal arm joins the same call, so its replies share the sweep's batches.
+    judged = run_arms(bench, arms + alarming_arms(bench, units))[:len(arms)]
     return Sweep(units, tuple(layers), alphas, tuple(judged[0::2]), tuple(judged[1::2]),
                  harm, safe, time.perf_counter() - t0)
+
+
+def alarming_arms(bench: Workbench, units: Units) -> list[tuple[PromptSet, SteeringPlan]]:
+    """The over-refusal arm of the raw sweep: ``bench.overrefusal_gen`` (benign requests
+    that sound alarming) at every alpha >= 0 of the grid, in ascending order; none for the
+    ratio sweep (over-refusal is a positive-side effect; the raw sweep gives TI-S)."""
+    alarming = bench.overrefusal_gen
+    if units != "raw" or isinstance(alarming, str):
+        return []
+    layers = sweep_layers(bench, units)
+    return [(alarming, make_plan(bench, units, layers, float(alpha)))
+            for alpha in sweep_alphas(bench, units) if alpha >= 0.0]
+
+
+@cache
+def alarming_sweep(bench: Workbench) -> Sweep | str:
+    """The raw sweep's positive side with the benign-but-alarming prompts in place of the
+    plain harmless ones (their replies were generated with the sweep's), or why there is
+    none."""
+    sw = run_sweep(bench, "raw")
+    alarming = bench.overrefusal_gen
+    if isinstance(alarming, str):
+        return alarming
+    pos = np.flatnonzero(sw.alphas >= 0.0)
+    judged = run_arms(bench, alarming_arms(bench, "raw"))
+    return Sweep("raw", sw.layers, sw.alphas[pos], tuple(sw.harmful[i] for i in pos),
+                 tuple(judged), sw.harmful_set, alarming, sw.wall_s)
 
 
 # --------------------------------------------------------------------------- doses
@@ -513,3 +542,73 @@ def test_multi_layer_vs_single_layer(bench: Workbench, side: Side, measure: Any)
                          f"total ratios {totals}, pooled {n_tot} trials per arm on "
                          f"{diff.n} prompts (interval resamples prompts, paired); "
                          f"coherent {cs / n_tot:.2f} vs {cm / n_tot:.2f}")
+
+
+# --------------------------------------------------------------------------- over-refusal
+
+
+@pytest.mark.claim("OVERREFUSAL-ALARMING-ABOVE-PLAIN")
+def test_overrefusal_alarming_vs_plain(bench: Workbench, measure: Any) -> None:
+    """Judged refusal of benign-but-alarming requests vs plain harmless ones along the raw
+    sweep (alpha >= 0), and TI-S with the over-refusal dose read on each set."""
+    an = analyse(bench, "raw")
+    sw = an.sweep
+    al = alarming_sweep(bench)
+    if isinstance(al, str):
+        bench.record_model(measure, sw.harmless_set, sw.harmful_set)
+        measure.skip("OVERREFUSAL-ALARMING-ABOVE-PLAIN", al)
+        raise AssertionError("measure.skip returned")  # it raises; for the type checker
+    bench.record_model(measure, sw.harmless_set, al.harmless_set, sw.harmful_set)
+    needs_refusal(bench, measure, "OVERREFUSAL-ALARMING-ABOVE-PLAIN")
+    rows = []
+    series: dict[str, list[float]] = {"benign-but-alarming": [], "plain harmless": []}
+    bands: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in series}
+    for j, alpha in enumerate(al.alphas):
+        i = int(np.flatnonzero(sw.alphas == alpha)[0])
+        row: list[Any] = [float(alpha)]
+        for name, judged in (("benign-but-alarming", al.harmless[j]),
+                             ("plain harmless", sw.harmless[i])):
+            e = rate(int(judged.refusal.sum()), judged.n)
+            series[name].append(e.value)
+            bands[name][0].append(e.lo)
+            bands[name][1].append(e.hi)
+            row += [e.value, e.lo, e.hi]
+        rows.append([*row, float(al.harmless[j].degenerate.mean())])
+    measure.table("overrefusal_by_alpha",
+                  ["alpha", "alarming refusal", "alarming lo", "alarming hi", "plain refusal",
+                   "plain lo", "plain hi", "alarming degenerate"], rows)
+    measure.plot("overrefusal_by_alpha", "line", x=[float(a) for a in al.alphas],
+                 series=series, bands=bands, xlabel="alpha (raw units)",
+                 ylabel="judged refusal rate (Wilson 95 %)",
+                 title=f"Refusal of benign requests, blocks {span_text(sw.layers)} steered")
+    positive = analyse_side(al, "positive", n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+    tis, tis_ci, method, reason = ti_s(positive, an.sides["negative"])
+    measure.metric("ED50_overrefusal (alarming prompts)",
+                   math.nan if positive.effect.value is None else positive.effect.value,
+                   ci=(None if positive.effect.lo is None or positive.effect.hi is None
+                       else (positive.effect.lo, positive.effect.hi)))
+    measure.metric("tis_alarming", math.nan if tis is None else tis,
+                   ci=None if None in tis_ci else tis_ci)
+    measure.metric("tis_plain", math.nan if an.tis is None else an.tis,
+                   ci=None if None in an.tis_ci else an.tis_ci)
+    measure.table("therapeutic_index", ["over-refusal prompts", "TI-S", "lo", "hi", "method",
+                                        "reason when undefined"],
+                  [["benign-but-alarming", tis, *tis_ci, method, reason],
+                   ["plain harmless", an.tis, *an.tis_ci, an.tis_method, an.tis_reason]])
+    base_a, base_p = al.harmless[0], sw.harmless[sw.zero]
+    ka, kp = int(base_a.refusal.sum()), int(base_p.refusal.sum())
+    d, lo, hi = newcombe_difference(ka, base_a.n, kp, base_p.n)
+    measure.metric("overrefusal_rate_alarming (alpha 0)", ka / base_a.n,
+                   ci=wilson_interval(ka, base_a.n, CONF), n=base_a.n)
+    measure.metric("refusal_rate_plain (alpha 0)", kp / base_p.n,
+                   ci=wilson_interval(kp, base_p.n, CONF), n=base_p.n)
+    measure.metric("alarming_minus_plain_refusal", d, ci=(lo, hi), n=base_a.n + base_p.n)
+    measure.texts("alarming_replies (alpha 0)", [
+        {"prompt": p, "reply": t, "refused": str(bool(r))}
+        for p, t, r in list(zip(base_a.prompts, base_a.texts, base_a.refusal,
+                                strict=True))[:8]])
+    measure.check("OVERREFUSAL-ALARMING-ABOVE-PLAIN", d, ci=(lo, hi), n=base_a.n + base_p.n,
+                  detail=f"unsteered: {ka}/{base_a.n} benign-but-alarming vs {kp}/{base_p.n} "
+                         f"plain harmless requests refused (suite refusal judge); Newcombe "
+                         f"interval; TI-S on alarming prompts {tis} ({reason or method}) vs "
+                         f"{an.tis} on plain ones")

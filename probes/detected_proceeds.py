@@ -27,8 +27,8 @@ from prompts import PromptSet
 SATURATION_FRACTION = 0.95  # of the detection AUC's excess over chance
 DECISION_ALPHA = 0.05  # Holm-adjusted, one-sided, over layers
 WINDOW = (1, 6)  # steps 1..5: the first five generated tokens read back as input
-# The per-token claim is judged at the middle layer: the trait-vector log has its token table at
-# L32 of a 64-layer model (and averaged layers 8..56). Every layer is reported beside it.
+# The middle layer, reported beside the reference causal layer the per-token claim is judged at:
+# the trait-vector log has its token table at L32 of a 64-layer model (and averaged 8..56).
 MONITOR_DEPTH = 0.5
 # Refused and complied groups need this many replies each for the claims that compare them:
 # a percentile bootstrap of a handful of replies cannot show their spread (SmolLM2, which

@@ -7,9 +7,11 @@
   embedded model with ``--profile quick`` (32 harmful prompts, enough refusals and
   compliances for every claim to be judged), and on SmolLM2-135M-Instruct, which does not
   refuse, in a smaller run (``--n-gen 2 --max-new-tokens 8``: 8 prompts), where the claims
-  that need refusals must end in a skip with the stated reason, never in an error. Verdicts
-  are scientific results and are not asserted. With warm caches each run takes well under a
-  minute; the first run on a machine generates the replies (minutes on a loaded CPU).
+  that need refusals must end in a skip with the stated reason, never in an error. Claims
+  are judged at the reference causal layer (its label) or skipped because no layer is
+  causal. Verdicts are scientific results and are not asserted. With warm caches each run
+  takes well under a minute; the first run on a machine generates the replies (minutes on a
+  loaded CPU).
 """
 
 from __future__ import annotations
@@ -108,10 +110,21 @@ def _common(doc: dict[str, Any], expected_n: int) -> tuple[int, int]:
     return n, refusals
 
 
+def _causal(doc: dict[str, Any], hid: str) -> tuple[int, float]:
+    """(causal layers found, reference causal layer) as the claim's test recorded them."""
+    test = next(t for t in doc["tests"] if any(c["hypothesis"] == hid for c in t["checks"]))
+    return (int(_metric(test, "causal_layers_count")["value"]),
+            float(_metric(test, "causal_reference_layer")["value"]))
+
+
 def _judged_or_skipped_for_the_stated_reason(doc: dict[str, Any], n: int, refusals: int) -> None:
+    """Every claim is judged at the reference causal layer, or skipped for a stated reason:
+    too few refusals or compliances, or no causal layer (never judged at another layer)."""
     small = min(refusals, n - refusals)
     for hid, check in _checks(doc).items():
-        if hid in NEEDS_REFUSALS and small < MIN_GROUP:
+        if check["verdict"] == "skipped" and "no layer is causal" in (check["reason"] or ""):
+            assert _causal(doc, hid)[0] == 0, check
+        elif hid in NEEDS_REFUSALS and small < MIN_GROUP:
             assert check["verdict"] == "skipped", check
             word = "refused" if refusals == small else "complied with"
             if small == 0:
@@ -122,6 +135,8 @@ def _judged_or_skipped_for_the_stated_reason(doc: dict[str, Any], n: int, refusa
                                                   f"prompts: fewer than {MIN_GROUP}"), check
         else:
             assert check["verdict"] in ("pass", "fail"), check["message"]
+            count, reference = _causal(doc, hid)
+            assert count >= 1 and check["label"] == f"layer {int(reference)}", check
             assert check["value"] is not None and math.isfinite(check["value"])
             lo, hi = check["ci"]
             assert lo is not None and hi is not None and lo <= hi

@@ -6,7 +6,9 @@ Hypothesis verdicts are scientific results and are not asserted: what is asserte
 structure — rates are rates, every dose has an explicit status (a value with a finite
 interval end, or a reason), TI-S is a number or comes with the reason it is not, and no
 non-finite number passes a claim silently. Generations are cached by intervention key, so
-a rerun takes seconds; a cold run on a quiet machine about a minute.
+a rerun takes seconds; a cold run on a quiet machine about a minute. The over-refusal arm
+(benign-but-alarming prompts at the raw sweep's alpha >= 0) reports a rate per alpha and TI-S
+beside the plain-harmless one.
 """
 
 from __future__ import annotations
@@ -137,6 +139,16 @@ def test_dose_response_benchmark_on_the_embedded_model(pytester: pytest.Pytester
                                                                     test["longrepr"])
         for check in test["checks"]:
             _no_silent_nan(check)
+    alarming = tests["test_overrefusal_alarming_vs_plain[default]"]
+    by_alpha = _rows(_table(alarming, "overrefusal_by_alpha"))
+    assert [r["alpha"] for r in by_alpha] == [0.0, 0.5]  # the raw grid's alpha >= 0
+    for r in by_alpha:
+        for arm in ("alarming", "plain"):
+            assert 0.0 <= r[f"{arm} lo"] <= r[f"{arm} refusal"] <= r[f"{arm} hi"] <= 1.0, r
+    ti = _rows(_table(alarming, "therapeutic_index"))
+    assert [r["over-refusal prompts"] for r in ti] == ["benign-but-alarming", "plain harmless"]
+    for r in ti:
+        assert r["TI-S"] is not None or r["reason when undefined"], r
     multi = [t for name, t in tests.items() if name.startswith("test_multi_layer_vs_single")]
     assert len(multi) == 2
     for t in multi:
