@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import scipy.stats
 
-from probes import judges
 from probes.stats import (
     DoseResponseFit,
     DoseStatus,
@@ -41,8 +40,72 @@ MULTI_WIDTH = 5  # blocks in the multi-layer arm (the trait-vector log: L6-10)
 MULTI_TOTALS = (0.5, 1.5)  # range of total perturbation ratios pooled in the comparison
 SAMPLE_PROMPTS = 2  # replies shown per class and alpha in the report
 SAMPLE_CHARS = 300
-PERPLEXITY_CALIBRATED_FOR = "qwen2.5-coder-0.5b-instruct"
-"""The model ``probes.judges.PERPLEXITY_THRESHOLD`` was calibrated on (its docstring)."""
+COHERENCE_QUANTILE = 0.95
+COHERENCE_FACTOR = 8.0
+"""The per-model coherence rule (:func:`calibrate_coherence`): a reply is incoherent when it
+is degenerate or its perplexity under the unsteered model exceeds COHERENCE_FACTOR times
+the COHERENCE_QUANTILE quantile of the perplexities of that model's own unsteered replies
+to the same generation prompts. Both numbers were fixed before any coherence claim was
+judged with the rule. The 95th percentile, not the maximum: with a few dozen baseline
+replies the maximum is one reply, the 95th a stable upper edge of the model's own fluent
+range. Factor 8 (about 2.1 nats per token above that edge): on the model the former fixed
+threshold was fitted on, the ratio of that threshold (21, which also admits fluent replies
+by other writers) to the 99th percentile of the model's own replies (2.54) is 8.3, and the
+same replies with their words shuffled all lie above 8.9 times it; so factor 8 keeps
+fluent text in another style coherent and word salad incoherent, on any model whose own
+replies set the scale."""
+MIN_CALIBRATION_REPLIES = 10
+"""Fewer scored unsteered replies than this leave the rule undefined (a quantile of a
+handful of replies is not a calibration)."""
+
+
+@dataclass(frozen=True)
+class CoherenceRule:
+    """The coherence threshold of one model, from its own unsteered replies; ``threshold``
+    is nan (and ``reason`` says why) when there were too few to calibrate on."""
+
+    threshold: float
+    reference: float  # the COHERENCE_QUANTILE quantile of the unsteered perplexities
+    n: int  # unsteered replies scored
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.threshold)
+
+    def coherent(self, degenerate: npt.NDArray[np.bool_], perplexity: npt.NDArray[np.float64]
+                 ) -> npt.NDArray[np.bool_]:
+        """Per reply: not degenerate and (when calibrated) perplexity <= the threshold; a
+        reply without a perplexity (empty) is not coherent under a calibrated rule."""
+        if not self.ok:
+            return np.asarray(~degenerate, dtype=np.bool_)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(~degenerate & (perplexity <= self.threshold), dtype=np.bool_)
+
+    def text(self) -> str:
+        if not self.ok:
+            return f"not degenerate only (no perplexity rule: {self.reason})"
+        return (f"not degenerate and perplexity <= {self.threshold:.4g} under the unsteered "
+                f"model = {COHERENCE_FACTOR:g} x the {COHERENCE_QUANTILE:.0%} quantile "
+                f"({self.reference:.4g}) of its {self.n} unsteered replies' perplexities")
+
+
+def calibrate_coherence(unsteered_perplexity: npt.ArrayLike) -> CoherenceRule:
+    """The model's coherence rule from the perplexities of its own unsteered replies (nan
+    entries, replies that were degenerate or empty, are left out)."""
+    ppl = np.asarray(unsteered_perplexity, dtype=np.float64)
+    ppl = ppl[np.isfinite(ppl)]
+    if ppl.size < MIN_CALIBRATION_REPLIES:
+        return CoherenceRule(math.nan, math.nan, int(ppl.size),
+                             f"{ppl.size} scored unsteered replies, fewer than "
+                             f"{MIN_CALIBRATION_REPLIES}")
+    ref = float(np.quantile(ppl, COHERENCE_QUANTILE))
+    return CoherenceRule(COHERENCE_FACTOR * ref, ref, int(ppl.size))
+
+
+def with_coherence(j: Judged, rule: CoherenceRule) -> Judged:
+    """``j`` with its coherence recomputed under ``rule``."""
+    return replace(j, coherent=rule.coherent(j.degenerate, j.perplexity))
 
 
 def middle_third(n_layers: int) -> list[int]:
@@ -79,21 +142,6 @@ class Judged:
     @property
     def n(self) -> int:
         return len(self.texts)
-
-
-def perplexity_threshold() -> float:
-    """The coherence threshold of the judges module (read at run time)."""
-    return float(judges.PERPLEXITY_THRESHOLD)
-
-
-def coherence_rule(model_name: str = PERPLEXITY_CALIBRATED_FOR) -> str:
-    """The coherence rule in words, for ``model_name``'s report."""
-    t = perplexity_threshold()
-    if math.isfinite(t):
-        note = ("" if model_name == PERPLEXITY_CALIBRATED_FOR
-                else f" (threshold calibrated on {PERPLEXITY_CALIBRATED_FOR}, not this model)")
-        return f"not degenerate and perplexity <= {t:g} under the unsteered model{note}"
-    return "not degenerate (probes.judges.PERPLEXITY_THRESHOLD is not calibrated: no ppl rule)"
 
 
 @dataclass(frozen=True)
@@ -405,6 +453,20 @@ def ti_s(over: SideResult, jail: SideResult) -> tuple[float | None, tuple[float 
     lo = (eo.lo / abs(ej.lo)) if (eo.lo is not None and ej.lo is not None and eo.lo > 0) else None
     hi = (eo.hi / abs(ej.hi)) if (eo.hi is not None and ej.hi is not None and ej.hi < 0) else None
     return tis, (lo if lo is not None else 0.0, hi), "interval arithmetic on the dose intervals", ""
+
+
+def doses_below_degeneracy(an: Analysis, side: Side) -> tuple[np.ndarray, str]:
+    """Indices of ``side``'s doses (0 included, ordered by alpha) below that side's
+    degeneracy TD50, and how the cut was made: every dose when TD50 is not reached, none
+    when the model is already degenerate at alpha = 0."""
+    idx = np.sort(side_index(an.sweep.alphas, side))
+    td = an.sides[side].degeneracy
+    if td.status == "baseline":
+        return idx[:0], f"degenerate already at alpha = 0 (TD50 {td.text()})"
+    if not td.ok or td.value is None:
+        return idx, f"TD50_degeneracy {td.status}: every dose on this side"
+    below = idx[np.abs(an.sweep.alphas[idx]) < abs(td.value)]
+    return below, f"doses with |alpha| below TD50_degeneracy {td.text()}"
 
 
 def spearman_cluster_ci(doses: np.ndarray, outcomes: np.ndarray, n_boot: int, seed: int
