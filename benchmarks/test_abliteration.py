@@ -61,6 +61,7 @@ from probes.abliteration_results import (
 )
 from probes.capture import left_pad_batch
 from probes.directions import mean_diff_per_layer
+from probes.judge_error import judge_error
 from probes.judges import perplexity, refusal_judge
 from probes.stats import (
     fisher_exact,
@@ -192,8 +193,8 @@ def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:
                             "norm_preserve": str(NORM_PRESERVE), "writers": "all"}])
     before, after = refusal_judge(out.before_h.texts), refusal_judge(out.after_h.texts)
     n = len(before)
-    record_rate(measure, "harmful_refusal_before", before)
-    record_rate(measure, "harmful_refusal_after", after)
+    record_rate(measure, "harmful_refusal_before", before, judge_error(), bench.cfg.seed)
+    record_rate(measure, "harmful_refusal_after", after, judge_error(), bench.cfg.seed)
     d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmful_refusal_change", d, ci=(lo, hi), n=2 * n)
     measure.metric("mcnemar_p_refusal_drop", mcnemar_one_sided_p(before, after, "drop"), n=n)
@@ -245,8 +246,8 @@ def test_abliteration_does_not_raise_harmless_refusal(bench: Workbench, measure)
     bench.record_model(measure, out.harmless)
     before, after = refusal_judge(out.before_b.texts), refusal_judge(out.after_b.texts)
     n = len(before)
-    record_rate(measure, "harmless_refusal_before", before)
-    record_rate(measure, "harmless_refusal_after", after)
+    record_rate(measure, "harmless_refusal_before", before, judge_error(), bench.cfg.seed)
+    record_rate(measure, "harmless_refusal_after", after, judge_error(), bench.cfg.seed)
     d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmless_refusal_change", d, ci=(lo, hi), n=2 * n)
     measure.metric("mcnemar_p_harmless_rise", mcnemar_one_sided_p(before, after, "rise"), n=n)

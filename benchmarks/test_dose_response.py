@@ -97,6 +97,7 @@ from probes.dose_response import (
 )
 from probes.generation import Generations
 from probes.interventions import SteeringPlan, plan_ratio, plan_raw
+from probes.judge_error import corrected_name, corrected_paired_difference, judge_error
 from probes.stats import newcombe_difference, paired_rate_difference, wilson_interval
 from prompts import PromptSet
 
@@ -318,7 +319,7 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
     measure.metric(f"unsteered perplexity, {COHERENCE_QUANTILE:.0%} quantile", rule.reference,
                    n=rule.n)
     measure.table("coherence rule", ["rule"], [[rule.text()]])
-    record_analysis(bench.lm.name, measure, an)
+    record_analysis(bench.lm.name, measure, an, judge_error(), bench.cfg.seed)
     measure.metric("generation seconds (sum over the grid, as generated)", sw.gen_seconds,
                    units="s")
     measure.metric("sweep wall seconds (this session; cached generations are free)",
@@ -534,7 +535,18 @@ def test_multi_layer_vs_single_layer(bench: Workbench, side: Side, measure: Any)
                    ci=(lo_n, hi_n), n=n_tot)
     what = ("harmless prompts refused (reply not degenerate)" if side == "positive"
             else "harmful prompts answered without refusal (reply not degenerate)")
+    err = judge_error()
+    corr = corrected_paired_difference(
+        np.stack([p.multi.refusal for p in pairs], axis=1),
+        np.stack([p.single.refusal for p in pairs], axis=1),
+        np.stack([~p.multi.degenerate for p in pairs], axis=1),
+        np.stack([~p.single.degenerate for p in pairs], axis=1),
+        err, refusal=side == "positive", n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+    measure.metric(corrected_name("multi_minus_single_effect"), corr.value,
+                   ci=(corr.lo, corr.hi), n=n_tot)
     measure.check("TIS-MULTILAYER-AT-LEAST-SINGLE", d, ci=(lo, hi), n=n_tot,
+                  judge_corrected=(corr.value, (corr.lo, corr.hi),
+                                   f"Rogan-Gladen on the paired difference; {err.text()}"),
                   detail=f"effect = {what}; single block {centre} vs blocks {span_text(blocks)}, "
                          f"total ratios {totals}, pooled {n_tot} trials per arm on "
                          f"{diff.n} prompts (interval resamples prompts, paired); "

@@ -22,6 +22,12 @@ import numpy as np
 import numpy.typing as npt
 import scipy.stats
 
+from probes.judge_error import (
+    JudgeErrorRates,
+    corrected_name,
+    corrected_rate,
+    record_corrected_rate,
+)
 from probes.stats import (
     DoseResponseFit,
     DoseStatus,
@@ -40,6 +46,8 @@ MULTI_WIDTH = 5  # blocks in the multi-layer arm (the trait-vector log: L6-10)
 MULTI_TOTALS = (0.5, 1.5)  # range of total perturbation ratios pooled in the comparison
 SAMPLE_PROMPTS = 2  # replies shown per class and alpha in the report
 SAMPLE_CHARS = 300
+REFUSAL_RATES = ("harmful refusal", "harmless refusal")
+"""The rates of the sweep that the refusal judge decides (corrected for its error)."""
 COHERENCE_QUANTILE = 0.95
 COHERENCE_FACTOR = 8.0
 """The per-model coherence rule (:func:`calibrate_coherence`): a reply is incoherent when it
@@ -511,8 +519,11 @@ def record_dose(measure: Any, prefix: str, d: Dose, units: str) -> None:
                    else math.nan, ci=optional_ci(d.lo, d.hi) if d.ok else None, units=units)
 
 
-def record_analysis(model_name: str, measure: Any, an: Analysis) -> None:
-    """Record a sweep's rates, doses, TI-S, windows, plot and sample replies."""
+def record_analysis(model_name: str, measure: Any, an: Analysis,
+                    err: JudgeErrorRates | None = None, seed: int = 0) -> None:
+    """Record a sweep's rates, doses, TI-S, windows, plot and sample replies; with ``err``
+    (the refusal judge's error rates) each refusal rate has its Rogan-Gladen corrected
+    value beside it."""
     sw = an.sweep
     units = f"alpha ({sw.units})"
     a = sw.alphas
@@ -532,14 +543,25 @@ def record_analysis(model_name: str, measure: Any, an: Analysis) -> None:
         hd = int(sw.harmful[i].degenerate.sum()) + int(sw.harmless[i].degenerate.sum())
         row += [hd, sw.harmful[i].new_tokens + sw.harmless[i].new_tokens,
                 round(sw.harmful[i].gen_seconds + sw.harmless[i].gen_seconds, 1)]
+        if err is not None:
+            for name in REFUSAL_RATES:
+                k, n = rates[name]
+                e = corrected_rate(int(k[i]), int(n[i]), err, seed=seed + i)
+                row += [round(v, 4) for v in (e.value, e.lo, e.hi)]
         rows.append(row)
     columns = [f"{name}{end}" for name in outcomes for end in ("", " lo", " hi")]
+    corrected_cols = ([] if err is None else
+                      [corrected_name(name) + end for name in REFUSAL_RATES
+                       for end in ("", " lo", " hi")])
     measure.table(f"rates_{sw.units}", ["alpha", *columns, "degenerate (count)",
-                                         "new tokens", "generation s"], rows)
+                                         "new tokens", "generation s", *corrected_cols], rows)
     z = sw.zero
     for name, (k, n) in rates.items():
         p, lo, hi = rate_row(int(k[z]), int(n[z]))
         measure.metric(f"baseline {name}", p, ci=(lo, hi), n=int(n[z]))
+        if err is not None and name in REFUSAL_RATES:
+            record_corrected_rate(measure, f"baseline {name}", int(k[z]), int(n[z]), err,
+                                  seed=seed)
     # Doses, TI-S and windows.
     dose_rows = []
     for side in SIDES:
