@@ -383,7 +383,7 @@ def test_ratio_breakdown(bench: Workbench, side: Side, measure: Any) -> None:
               + (f"; {d.reason}" if d.reason else "")
               + f"; TD50_degeneracy on this side: {td.text()}")
     if d.status == "baseline":
-        measure.check("TIS-RATIO-BREAKDOWN", 0.0, n=int(n[sw.zero]),
+        measure.check("TIS-RATIO-BREAKDOWN", 0.0, ci=(0.0, 0.0), n=int(n[sw.zero]),
                       detail="coherence is already below 50 % unsteered; " + detail)
         return
     tested = float(np.abs(sw.alphas[idx]).max())

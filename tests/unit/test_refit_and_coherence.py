@@ -211,3 +211,32 @@ def test_overrefusal_doses_stop_below_degeneracy() -> None:
     idx, how = doses_below_degeneracy(an, "positive")
     assert never.alphas[idx].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert "every dose" in how
+
+
+def test_every_glm_dose_resamples_prompts() -> None:
+    """ED50, TD50 and the coherence breakdown all take their interval from the prompt
+    bootstrap when ``n_boot`` is given (each prompt counts once, not once per dose)."""
+    rng = np.random.default_rng(11)
+    alphas = np.linspace(-2.0, 2.0, 17)
+    n = 30
+    harm = PromptSet("harmful", tuple(f"h{i}" for i in range(n)))
+    safe = PromptSet("harmless", tuple(f"s{i}" for i in range(n)))
+    u = rng.normal(0, 1.0, size=(n, 1))
+
+    def arm(ps: PromptSet, j: int, sign: float) -> Judged:
+        a = alphas[j]
+        p_ref = 1 / (1 + np.exp(-(3.0 * sign * (a - sign * 0.8) + u[:, 0])))
+        p_deg = 1 / (1 + np.exp(-(4.0 * (abs(a) - 1.5) + u[:, 0])))
+        degenerate = rng.random(n) < p_deg
+        refusal = (rng.random(n) < p_ref) & ~degenerate
+        return Judged(f"{a}", ps.texts, ps.texts, refusal, degenerate, np.full(n, np.nan),
+                      ~degenerate, 0.0, 0)
+
+    sw = Sweep("raw", (0,), alphas, tuple(arm(harm, j, -1.0) for j in range(alphas.size)),
+               tuple(arm(safe, j, 1.0) for j in range(alphas.size)), harm, safe, 0.0)
+    for side in ("negative", "positive"):
+        s = analyse_side(sw, side, n_boot=200, seed=0)  # type: ignore[arg-type]
+        for d in (s.effect, s.degeneracy, s.incoherence):
+            if d.method.startswith("logistic"):
+                assert d.method == "logistic GLM, 95 % CI by resampling prompts", d
+        assert s.degeneracy.method.startswith("logistic GLM"), s.degeneracy
