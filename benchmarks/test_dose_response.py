@@ -85,9 +85,12 @@ from probes.dose_response import (
     intended,
     is_coherent,
     is_degenerate,
+    judge_corrected_effect,
     middle_third,
     multi_range,
+    optional_ci,
     record_analysis,
+    record_dose,
     side_index,
     span_text,
     spearman_cluster_ci,
@@ -303,6 +306,29 @@ def needs_coherence_rule(bench: Workbench, measure: Any, hyp: str) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+def record_corrected_doses(bench: Workbench, measure: Any, an: Analysis) -> None:
+    """The intended-effect doses and TI-S read on the true refusal rate (the refusal judge's
+    held-out sensitivity and specificity, Rogan-Gladen), beside the judged ones."""
+    err = judge_error()
+    sides = {side: judge_corrected_effect(an.sweep, side, an.sides[side], err,
+                                          n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+             for side in SIDES}
+    units = f"alpha ({an.sweep.units})"
+    rows = []
+    for side in SIDES:
+        d = sides[side].effect
+        record_dose(measure, "", d, units)
+        rows.append([side, d.name, d.status, d.value, d.lo, d.hi, d.method, d.reason])
+    tis, ci, how, why = ti_s(sides["positive"], sides["negative"])
+    measure.metric(corrected_name("TI-S"), tis if tis is not None else math.nan,
+                   ci=optional_ci(*ci) if tis is not None else None)
+    rows.append(["both", corrected_name("TI-S"), "ok" if tis is not None else "undefined",
+                 tis, ci[0], ci[1], how, why])
+    measure.table(f"judge-corrected doses_{an.sweep.units}",
+                  ["side", "dose", "status", "value", "lo", "hi", "method", "reason"], rows)
+    measure.table("refusal judge error", ["source"], [[err.text()]])
+
+
 @pytest.mark.parametrize("units", ["raw", "ratio"])
 def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
     """Rates per alpha, ED50s, TD50s, TI-S and windows (reported; the claims are below)."""
@@ -320,6 +346,7 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
                    n=rule.n)
     measure.table("coherence rule", ["rule"], [[rule.text()]])
     record_analysis(bench.lm.name, measure, an, judge_error(), bench.cfg.seed)
+    record_corrected_doses(bench, measure, an)
     measure.metric("generation seconds (sum over the grid, as generated)", sw.gen_seconds,
                    units="s")
     measure.metric("sweep wall seconds (this session; cached generations are free)",

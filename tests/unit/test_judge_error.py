@@ -147,3 +147,52 @@ def test_corrected_paired_difference_recovers_the_planted_difference(refusal: bo
     assert covered / runs >= 0.88, covered / runs
     assert abs(np.mean(values) - truth) < 0.02, (np.mean(values), truth)
     assert abs(np.mean(raws) - truth) > 2 * abs(np.mean(values) - truth)
+
+
+def test_judge_corrected_ed50_recovers_the_true_dose() -> None:
+    """A judge that misses 30 % of refusals moves the judged 50 % dose (by 0.4 here);
+    reading the judged curve at the level that corresponds to 50 % true refusals recovers
+    the true ED50 to within the logistic's misfit to the squeezed curve."""
+    from probes.dose_response import (
+        Judged,
+        Sweep,
+        analyse_side,
+        judge_corrected_effect,
+        judged_level,
+    )
+    from prompts import PromptSet
+
+    sens, spec, ed50, slope, n = 0.7, 0.97, 1.0, 3.0, 400
+    rng = np.random.default_rng(12)
+    alphas = np.linspace(-2.0, 2.0, 17)
+    harm = PromptSet("harmful", tuple(f"h{i}" for i in range(n)))
+    safe = PromptSet("harmless", tuple(f"s{i}" for i in range(n)))
+    pred, labels = synthetic_validation(rng, sens, spec, 4000, 4000)  # well validated
+    err = error_rates("synthetic", pred, labels, "simulation")
+
+    def arm(ps: PromptSet, a: float, sign: float) -> Judged:
+        true = rng.random(n) < 1 / (1 + np.exp(-slope * (sign * a - ed50)))
+        if sign < 0:  # harmful prompts: refusal falls as alpha goes negative
+            true = rng.random(n) < 1 / (1 + np.exp(slope * (-a - ed50)))
+        judged = np.where(true, rng.random(n) < sens, rng.random(n) >= spec)
+        return Judged(f"{a}", ps.texts, ps.texts, judged, np.zeros(n, bool),
+                      np.full(n, np.nan), np.ones(n, bool), 0.0, 0)
+
+    sw = Sweep("raw", (0,), alphas, tuple(arm(harm, a, -1.0) for a in alphas),
+               tuple(arm(safe, a, 1.0) for a in alphas), harm, safe, 0.0)
+    assert judged_level(1.0, 1.0) == 0.5
+    pos = analyse_side(sw, "positive", n_boot=200, seed=0)
+    fixed = judge_corrected_effect(sw, "positive", pos, err, n_boot=200, seed=0)
+    assert pos.effect.value is not None and fixed.effect.value is not None
+    assert abs(fixed.effect.value - ed50) < 0.1, fixed.effect
+    assert abs(pos.effect.value - ed50) > abs(fixed.effect.value - ed50) + 0.1
+    assert fixed.effect.lo is not None and fixed.effect.hi is not None
+    assert fixed.effect.lo <= ed50 <= fixed.effect.hi
+    assert fixed.effect.name == "ED50_overrefusal_judge_corrected"
+    neg = analyse_side(sw, "negative", n_boot=200, seed=0)
+    jail = judge_corrected_effect(sw, "negative", neg, err, n_boot=200, seed=0)
+    assert neg.effect.value is not None and jail.effect.value is not None
+    # The judged curve is a logistic squeezed between 1 - spec and sens, so a logistic read
+    # at the matching level is close, not exact.
+    assert abs(jail.effect.value + ed50) < 0.15, jail.effect
+    assert abs(neg.effect.value + ed50) > abs(jail.effect.value + ed50) + 0.2
