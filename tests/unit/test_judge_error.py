@@ -196,3 +196,11 @@ def test_judge_corrected_ed50_recovers_the_true_dose() -> None:
     # at the matching level is close, not exact.
     assert abs(jail.effect.value + ed50) < 0.15, jail.effect
     assert abs(neg.effect.value + ed50) > abs(jail.effect.value + ed50) + 0.2
+
+
+def test_corrected_paired_difference_bad_input() -> None:
+    pred, labels = synthetic_validation(np.random.default_rng(1), 0.8, 0.9, 50, 50)
+    err = error_rates("synthetic", pred, labels, "simulation")
+    a = np.ones((5, 2), bool)
+    with pytest.raises(ValueError, match="disagree in shape"):
+        corrected_paired_difference(a, a[:4], a, a, err, refusal=True)

@@ -240,3 +240,19 @@ def test_every_glm_dose_resamples_prompts() -> None:
             if d.method.startswith("logistic"):
                 assert d.method == "logistic GLM, 95 % CI by resampling prompts", d
         assert s.degeneracy.method.startswith("logistic GLM"), s.degeneracy
+
+
+def test_refit_bad_input_is_refused() -> None:
+    rng = np.random.default_rng(6)
+    trp, trn = _acts(rng, 8, 1.0), _acts(rng, 8, -1.0)
+    tep, ten = _acts(rng, 10, 1.0), _acts(rng, 10, -1.0)
+    with pytest.raises(ValueError, match="n_refit"):
+        refit("mean_diff", trp, trn, tep, ten, n_refit=0, seed=0)
+    fits = refit("mean_diff", trp, trn, tep, ten, n_refit=3, seed=0)
+    assert fits.n == 3 and fits.proj_pos.shape == (3, 10, 2)
+    from probes.method_comparison import accuracy_bootstrap
+
+    pos, neg = np.ones((10, 2)), np.ones((10, 2))
+    with pytest.raises(ValueError, match="do not match"):
+        accuracy_bootstrap(pos, neg, n_boot=10, seed=0, resample_layers=False,
+                           refits=(np.ones((3, 9, 2)), np.ones((3, 10, 2))))
