@@ -66,6 +66,7 @@ from probes.geometry import (
     proceed_layers,
 )
 from probes.judge_error import (
+    corrected_group_difference,
     corrected_name,
     corrected_share,
     judge_error,
@@ -442,7 +443,17 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
     est, n_a, n_b = diffs[ref_layer]
     measure.metric("refusal_minus_compliance_projection_first5", est.value, ci=(est.lo, est.hi),
                    n=n_a + n_b)
+    w = np.array([window_mean(t, ref_layer, *WINDOW) for t in st.trajectories])
+    ok = ~np.isnan(w)
+    err = judge_error()
+    corr = corrected_group_difference(w[ok], refused[ok], err, n_boot=bench.cfg.n_boot,
+                                      seed=bench.cfg.seed + ref_layer)
+    measure.metric(corrected_name("refusal_minus_compliance_projection_first5"), corr.value,
+                   ci=(corr.lo, corr.hi), n=n_a + n_b)
     measure.check("MONITOR-REFUSAL-HIGHER", est.value, ci=(est.lo, est.hi), n=n_a + n_b,
                   label=f"layer {ref_layer}",
+                  judge_corrected=(corr.value, (corr.lo, corr.hi),
+                                   "group difference / (PPV + NPV - 1) at the Rogan-Gladen "
+                                   f"refusal prevalence; {err.text()}"),
                   detail=f"{n_a} refusals vs {n_b} compliant replies, mean projection on r̂_"
                          f"{ref_layer} over generated tokens 1-5 ({SITE}); bootstrap interval")

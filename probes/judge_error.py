@@ -246,3 +246,56 @@ def corrected_paired_difference(refused_a: npt.ArrayLike, refused_b: npt.ArrayLi
     lo, _ = percentile_interval(np.where(bad, -1.0, draws), CONF)
     _, hi = percentile_interval(np.where(bad, 1.0, draws), CONF)
     return Estimate(value, min(lo, value), max(hi, value), n, how, CONF)
+
+
+def _disattenuation(p: npt.NDArray[np.float64], se: npt.NDArray[np.float64],
+                    sp: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """PPV + NPV - 1 of a judge at judged rate ``p``: the factor by which judge error
+    shrinks a difference of group means (nan where it is not identified)."""
+    denom = se + sp - 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pi = np.clip((p + sp - 1.0) / denom, 0.0, 1.0)
+        ppv = se * pi / (se * pi + (1.0 - sp) * (1.0 - pi))
+        npv = sp * (1.0 - pi) / (sp * (1.0 - pi) + (1.0 - se) * pi)
+        factor = ppv + npv - 1.0
+    return np.asarray(np.where((denom > 0) & (factor > 0), factor, np.nan), dtype=np.float64)
+
+
+def corrected_group_difference(values: npt.ArrayLike, judged: npt.ArrayLike,
+                               err: JudgeErrorRates, *, n_boot: int = N_DRAWS,
+                               seed: int = 0) -> Estimate:
+    """Mean of ``values`` over replies the judge calls refusals minus the mean over the
+    rest, corrected for the judge's errors: judged groups mix the true ones with weights
+    PPV and NPV (from the Rogan-Gladen prevalence), so the true difference is the judged
+    one divided by PPV + NPV - 1 (the judge's errors assumed unrelated to ``values``
+    within a true class). Interval: prompts resampled with draws of sens and spec; draws
+    where the factor is not identified count as -inf / +inf."""
+    v = np.asarray(values, dtype=np.float64)
+    j = np.asarray(judged, dtype=np.bool_)
+    if v.shape != j.shape or v.ndim != 1:
+        raise ValueError(f"values {v.shape} and verdicts {j.shape} must be equal 1-d arrays")
+    if j.sum() < 2 or (~j).sum() < 2:
+        raise ValueError("need >= 2 replies in each judged group")
+    how = f"group difference / (PPV + NPV - 1), prompts resampled ({err.judge} judge)"
+    raw = float(v[j].mean() - v[~j].mean())
+    point = _disattenuation(np.array([j.mean()]), np.array([err.sensitivity.value]),
+                            np.array([err.specificity.value]))[0]
+    if not math.isfinite(point):
+        return Estimate(math.nan, -math.inf, math.inf, int(v.size), how + ": not identified",
+                        CONF)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, v.size, size=(n_boot, v.size))
+    jb, vb = j[pick], v[pick]
+    n_a, n_b = jb.sum(axis=1), (~jb).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = (np.where(jb, vb, 0.0).sum(axis=1) / n_a
+                - np.where(~jb, vb, 0.0).sum(axis=1) / n_b)
+    se = _posterior(err.tp, err.tp + err.fn, rng, n_boot)
+    sp = _posterior(err.tn, err.tn + err.fp, rng, n_boot)
+    draws = diff / _disattenuation(jb.mean(axis=1), se, sp)
+    bad = ~np.isfinite(draws)
+    value = raw / point
+    tail = (1.0 - CONF) / 2.0
+    lo = float(np.quantile(np.where(bad, -np.inf, draws), tail, method="lower"))
+    hi = float(np.quantile(np.where(bad, np.inf, draws), 1.0 - tail, method="higher"))
+    return Estimate(value, min(lo, value), max(hi, value), int(v.size), how, CONF)

@@ -204,3 +204,30 @@ def test_corrected_paired_difference_bad_input() -> None:
     a = np.ones((5, 2), bool)
     with pytest.raises(ValueError, match="disagree in shape"):
         corrected_paired_difference(a, a[:4], a, a, err, refusal=True)
+
+
+def test_corrected_group_difference_recovers_the_planted_difference() -> None:
+    """A projection that is 1.0 higher for true refusals; the judge misses some refusals
+    (they land among the 'compliant' replies and pull that mean up). The corrected
+    difference recovers 1.0; the judged one is shrunk."""
+    from probes.judge_error import corrected_group_difference
+
+    rng = np.random.default_rng(9)
+    sens, spec, n, prev, gap = 0.65, 0.97, 300, 0.5, 1.0
+    covered, values, raws = 0, [], []
+    runs = 150
+    for r in range(runs):
+        pred, labels = synthetic_validation(rng, sens, spec, 100, 100)
+        err = error_rates("synthetic", pred, labels, "simulation")
+        true = rng.random(n) < prev
+        proj = rng.normal(0.0, 1.0, n) + gap * true
+        judged = np.where(true, rng.random(n) < sens, rng.random(n) >= spec)
+        est = corrected_group_difference(proj, judged, err, n_boot=800, seed=r)
+        covered += est.lo <= gap <= est.hi
+        values.append(est.value)
+        raws.append(proj[judged].mean() - proj[~judged].mean())
+    assert covered / runs >= 0.88, covered / runs
+    assert abs(np.median(values) - gap) < 0.08, np.median(values)
+    assert np.mean(raws) < gap - 0.15
+    with pytest.raises(ValueError, match="each judged group"):
+        corrected_group_difference(np.zeros(3), np.array([True, False, False]), err)
