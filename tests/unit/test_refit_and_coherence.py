@@ -256,3 +256,39 @@ def test_refit_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="do not match"):
         accuracy_bootstrap(pos, neg, n_boot=10, seed=0, resample_layers=False,
                            refits=(np.ones((3, 9, 2)), np.ones((3, 10, 2))))
+
+
+def test_tis_interval_from_prompt_bootstrap_doses_covers_the_planted_index() -> None:
+    """TI-S = ED50_overrefusal / |ED50_jailbreak| from two prompt-bootstrap doses (the
+    delta method on log TI-S): over 200 seeded sweeps with per-prompt random intercepts
+    its 95 % interval covers the planted index near nominally."""
+    from probes.dose_response import Dose, SideResult, ti_s
+    from probes.stats import ed_by_prompt
+
+    rng = np.random.default_rng(30)
+    a = np.linspace(0.0, 2.0, 9)
+    ed_over, ed_jail, slope, spread, n = 1.2, 0.8, 3.0, 1.0, 24
+    truth = ed_over / ed_jail
+    covered = runs = 0
+    for _ in range(200):
+        sides = {}
+        for side, ed in (("positive", ed_over), ("negative", ed_jail)):
+            u = rng.normal(0.0, spread, size=(n, 1))
+            y = rng.random((n, a.size)) < 1 / (1 + np.exp(-(slope * (a - ed) + u)))
+            _, est = ed_by_prompt(a, y, n_boot=200, seed=rng)
+            if not (est.reached and est.lo is not None and est.hi is not None):
+                break
+            sign = 1.0 if side == "positive" else -1.0
+            lo, hi = sorted((sign * est.lo, sign * est.hi))
+            assert est.value is not None
+            d = Dose("x", side, "ok",  # type: ignore[arg-type]
+                     "logistic GLM, 95 % CI by resampling prompts", "",
+                     sign * est.value, lo, hi)
+            sides[side] = SideResult(side, d, d, d, True, "", None, ())  # type: ignore[arg-type]
+        else:
+            tis, (lo_t, hi_t), _, why = ti_s(sides["positive"], sides["negative"])
+            assert tis is not None and lo_t is not None and hi_t is not None, why
+            runs += 1
+            covered += lo_t <= truth <= hi_t
+    assert runs >= 190
+    assert 0.88 <= covered / runs <= 0.99, covered / runs
