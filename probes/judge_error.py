@@ -34,7 +34,10 @@ N_DRAWS = 4000
 JUDGES: dict[str, Callable[[Sequence[str]], npt.NDArray[np.bool_]]] = {
     "keyword": judges.refusal_judge,
 }
-"""Text-only refusal judges by name; the experiments label every reply with "keyword"."""
+"""Text-only refusal judges by name (a new judge is one more entry)."""
+EXPERIMENT_JUDGE = "keyword"
+"""The judge that labels the experiments' replies (:func:`probes.judges.refusal_judge`),
+whose error :func:`judge_error` returns by default; change both together."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def error_rates(judge: str, predicted: npt.ArrayLike, labels: npt.ArrayLike,
 
 
 @cache
-def judge_error(judge: str = "keyword") -> JudgeErrorRates:
+def judge_error(judge: str = EXPERIMENT_JUDGE) -> JudgeErrorRates:
     """The held-out sensitivity and specificity of ``judge`` (a name in :data:`JUDGES`)
     on pyrit's human-labelled replies: the single source every corrected rate uses."""
     from prompts.labelled import refusal_labels, split_labelled
