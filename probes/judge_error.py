@@ -8,7 +8,10 @@ adding a name to :data:`JUDGES`. :func:`corrected_rate` and :func:`corrected_sha
 judged count into the rate the labels define, (p + spec - 1) / (sens + spec - 1) clipped to
 [0, 1] (Rogan & Gladen 1978), with an interval that draws the judged rate and the judge's
 two error rates from their posteriors (Jeffreys Beta), so both the prompts' and the
-validation labels' uncertainty are in it.
+validation labels' uncertainty are in it. :func:`corrected_paired_difference` does the same
+for a difference of rates on the same prompts, :func:`corrected_group_difference` for a
+difference of means between replies the judge calls refusals and the rest (divided by
+PPV + NPV - 1).
 
 Example:
     err = judge_error("keyword")
