@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ from probes.abliteration_results import (
 )
 from probes.capture import left_pad_batch
 from probes.directions import mean_diff_per_layer
+from probes.judge_error import corrected_name, judge_error
 from probes.judges import perplexity, refusal_judge
 from probes.stats import (
     fisher_exact,
@@ -182,6 +184,26 @@ def _outcome(bench: Workbench) -> Outcome:
 # --------------------------------------------------------------------------- tests
 
 
+def record_corrected_change(measure: Any, name: str, change: tuple[float, float, float],
+                            n: int) -> None:
+    """The refusal-rate change (value, lo, hi; its Newcombe interval) corrected for the
+    refusal judge's errors: a change in the judged rate is the true change times
+    sens + spec - 1, so the corrected interval divides the ends by that factor at the
+    corners of the sensitivity and specificity intervals (conservative)."""
+    err = judge_error()
+    se, sp = err.sensitivity, err.specificity
+    factors = [a + b - 1.0 for a in (se.lo, se.hi) for b in (sp.lo, sp.hi)]
+    d, lo, hi = change
+    if min(factors) <= 0.0:
+        measure.metric(corrected_name(name), d / (se.value + sp.value - 1.0)
+                       if err.correctable else math.nan, ci=(-1.0, 1.0), n=n)
+        return
+    ends = [x / f for x in (lo, hi) for f in factors]
+    value = d / (se.value + sp.value - 1.0)
+    measure.metric(corrected_name(name), max(-1.0, min(1.0, value)),
+                   ci=(max(-1.0, min(ends)), min(1.0, max(ends))), n=n)
+
+
 @pytest.mark.claim("ABLATION-LOWERS-REFUSAL")
 def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:  # type: ignore[no-untyped-def]
     sel = _selection(bench)
@@ -193,10 +215,11 @@ def test_abliteration_lowers_harmful_refusal(bench: Workbench, measure) -> None:
                             "norm_preserve": str(NORM_PRESERVE), "writers": "all"}])
     before, after = refusal_judge(out.before_h.texts), refusal_judge(out.after_h.texts)
     n = len(before)
-    record_rate(measure, "harmful_refusal_before", before)
-    record_rate(measure, "harmful_refusal_after", after)
+    record_rate(measure, "harmful_refusal_before", before, judge_error(), bench.cfg.seed)
+    record_rate(measure, "harmful_refusal_after", after, judge_error(), bench.cfg.seed)
     d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmful_refusal_change", d, ci=(lo, hi), n=2 * n)
+    record_corrected_change(measure, "harmful_refusal_change", (d, lo, hi), 2 * n)
     measure.metric("mcnemar_p_refusal_drop", mcnemar_one_sided_p(before, after, "drop"), n=n)
     measure.metric("generation_seconds", out.before_h.seconds + out.after_h.seconds
                    + out.before_b.seconds + out.after_b.seconds, units="s")
@@ -246,10 +269,11 @@ def test_abliteration_does_not_raise_harmless_refusal(bench: Workbench, measure)
     bench.record_model(measure, out.harmless)
     before, after = refusal_judge(out.before_b.texts), refusal_judge(out.after_b.texts)
     n = len(before)
-    record_rate(measure, "harmless_refusal_before", before)
-    record_rate(measure, "harmless_refusal_after", after)
+    record_rate(measure, "harmless_refusal_before", before, judge_error(), bench.cfg.seed)
+    record_rate(measure, "harmless_refusal_after", after, judge_error(), bench.cfg.seed)
     d, lo, hi = newcombe_difference(int(after.sum()), n, int(before.sum()), n)
     measure.metric("harmless_refusal_change", d, ci=(lo, hi), n=2 * n)
+    record_corrected_change(measure, "harmless_refusal_change", (d, lo, hi), 2 * n)
     measure.metric("mcnemar_p_harmless_rise", mcnemar_one_sided_p(before, after, "rise"), n=n)
     measure.texts("harmless_replies", [
         {"prompt": p, "before": b, "after": a}

@@ -16,8 +16,11 @@ Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
     ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
 * Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
-  coherence = not degenerate and perplexity (under the UNSTEERED model) at most
-  ``probes.judges.PERPLEXITY_THRESHOLD``. Every rate has a Wilson 95 % interval.
+  coherence = not degenerate and perplexity (under the UNSTEERED model) at most the model's
+  own threshold: ``COHERENCE_FACTOR`` times the ``COHERENCE_QUANTILE`` quantile of the
+  perplexities of its unsteered replies to the same prompts
+  (``probes.dose_response.calibrate_coherence``; the rule was fixed in advance, so every
+  model gets a coherence verdict). Every rate has a Wilson 95 % interval.
 * Doses. Each side of alpha = 0 is analysed separately, with the outcome written so that it
   rises with |alpha|: harmful non-refusal (jailbreak, alpha < 0), harmless refusal
   (over-refusal, alpha > 0), degenerate output (both classes pooled; each side) and
@@ -64,34 +67,40 @@ import pytest
 from fixtures.workbench import Workbench
 from probes import judges
 from probes.dose_response import (
+    COHERENCE_QUANTILE,
     CONF,
     MULTI_TOTALS,
-    PERPLEXITY_CALIBRATED_FOR,
     SIDES,
     Analysis,
     ArmPair,
+    CoherenceRule,
     Judged,
     Side,
     Sweep,
     Units,
     analyse_side,
+    calibrate_coherence,
     centre_block,
-    coherence_rule,
+    doses_below_degeneracy,
     intended,
     is_coherent,
     is_degenerate,
+    judge_corrected_effect,
     middle_third,
     multi_range,
-    perplexity_threshold,
+    optional_ci,
     record_analysis,
+    record_dose,
     side_index,
     span_text,
     spearman_cluster_ci,
     ti_s,
     window_alphas,
+    with_coherence,
 )
 from probes.generation import Generations
 from probes.interventions import SteeringPlan, plan_ratio, plan_raw
+from probes.judge_error import corrected_name, corrected_paired_difference, judge_error
 from probes.stats import newcombe_difference, paired_rate_difference, rate, wilson_interval
 from prompts import PromptSet
 
@@ -156,7 +165,8 @@ def judge_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, Generations, st
     computed under the unmodified model (no hook is open here) and only for replies that
     are not already degenerate, since those are incoherent whatever their perplexity; the
     replies of all arms are scored in one call, so each prompt is run once for all the
-    arms that replied to it (:func:`probes.judges.perplexity`)."""
+    arms that replied to it (:func:`probes.judges.perplexity`). ``coherent`` is only "not
+    degenerate" here: :func:`run_arms` applies the model's perplexity rule."""
     parts = []
     all_prompts: list[str] = []
     all_replies: list[str] = []
@@ -171,16 +181,11 @@ def judge_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, Generations, st
     if all_prompts:
         scored = judges.perplexity(bench.lm.model, bench.lm.tokenizer,
                                    bench.lm.format(all_prompts), all_replies, batch_size=16)
-    threshold = perplexity_threshold()
     out = []
     for (prompts, gens, key), (texts, degenerate, todo, at) in zip(arms, parts, strict=True):
         ppl = np.full(len(texts), np.nan)
         ppl[todo] = scored[at : at + len(todo)]
-        if math.isfinite(threshold):
-            with np.errstate(invalid="ignore"):
-                coherent = ~degenerate & (ppl <= threshold)
-        else:
-            coherent = ~degenerate.copy()
+        coherent = ~degenerate.copy()
         out.append(Judged(key, tuple(prompts.texts), tuple(texts),
                           judges.refusal_judge(texts), degenerate, ppl,
                           np.asarray(coherent, dtype=np.bool_), float(gens.seconds),
@@ -194,11 +199,11 @@ def _judged_memo(bench: Workbench) -> dict[tuple[str, str], Judged]:
     return {}
 
 
-def run_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]]
-             ) -> list[Judged]:
-    """Generate (disk-cached per arm) and judge the replies of every ``(prompts, plan)`` arm.
-    Arms not cached yet are generated together, a plan per batch row
-    (:meth:`Workbench.generate_steered`)."""
+def judge_cached(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]]
+                 ) -> list[Judged]:
+    """Generate (disk-cached per arm) and judge the replies of every ``(prompts, plan)`` arm,
+    before the coherence rule. Arms not cached yet are generated together, a plan per batch
+    row (:meth:`Workbench.generate_steered`)."""
     memo = _judged_memo(bench)
     keyed = [(prompts, plan_key(bench, plan), plan) for prompts, plan in arms]
     missing = [(p, k, plan) for p, k, plan in keyed if (p.sha256, k) not in memo]
@@ -211,6 +216,24 @@ def run_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]]
                                     strict=True):
             memo[memo_key] = judged
     return [memo[(p.sha256, k)] for p, k, _plan in keyed]
+
+
+@cache
+def coherence_rule(bench: Workbench) -> CoherenceRule:
+    """The model's coherence rule, from its unsteered replies to the generation prompts."""
+    harm, safe = bench.gen_pair()
+    layers = sweep_layers(bench, "raw")
+    none = make_plan(bench, "raw", layers, 0.0)
+    base = judge_cached(bench, [(harm, none), (safe, none)])
+    return calibrate_coherence(np.concatenate([j.perplexity for j in base]))
+
+
+def run_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]]
+             ) -> list[Judged]:
+    """Generate, judge and apply the model's coherence rule (:func:`coherence_rule`)."""
+    judged = judge_cached(bench, arms)
+    rule = coherence_rule(bench)
+    return [with_coherence(j, rule) for j in judged]
 
 
 def run_arm(bench: Workbench, prompts: PromptSet, plan: SteeringPlan) -> Judged:
@@ -301,19 +324,38 @@ def needs_refusal(bench: Workbench, measure: Any, hyp: str, sw: Sweep | None = N
 
 
 def needs_coherence_rule(bench: Workbench, measure: Any, hyp: str) -> None:
-    """Skip ``hyp`` where coherence is undefined: no calibrated perplexity threshold, or a
-    model other than the one it was calibrated on (see probes.judges)."""
-    if not math.isfinite(perplexity_threshold()):
-        measure.skip(hyp, "probes.judges.PERPLEXITY_THRESHOLD is not calibrated, so coherence "
-                          "(docs/science.md: not degenerate and perplexity below the threshold) is "
-                          "undefined")
-    if bench.lm.name != PERPLEXITY_CALIBRATED_FOR:
-        measure.skip(hyp, f"the perplexity threshold of probes.judges is calibrated on "
-                          f"{PERPLEXITY_CALIBRATED_FOR} only; coherence of {bench.lm.name} "
-                          "needs its own threshold (degeneracy is reported)")
+    """Skip ``hyp`` where coherence is undefined: too few scored unsteered replies to
+    calibrate the model's own perplexity rule on."""
+    rule = coherence_rule(bench)
+    if not rule.ok:
+        measure.skip(hyp, f"the coherence rule of {bench.lm.name} is not calibrated "
+                          f"({rule.reason}): coherence is undefined (degeneracy is reported)")
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def record_corrected_doses(bench: Workbench, measure: Any, an: Analysis) -> None:
+    """The intended-effect doses and TI-S read on the true refusal rate (the refusal judge's
+    held-out sensitivity and specificity, Rogan-Gladen), beside the judged ones."""
+    err = judge_error()
+    sides = {side: judge_corrected_effect(an.sweep, side, an.sides[side], err,
+                                          n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+             for side in SIDES}
+    units = f"alpha ({an.sweep.units})"
+    rows = []
+    for side in SIDES:
+        d = sides[side].effect
+        record_dose(measure, "", d, units)
+        rows.append([side, d.name, d.status, d.value, d.lo, d.hi, d.method, d.reason])
+    tis, ci, how, why = ti_s(sides["positive"], sides["negative"])
+    measure.metric(corrected_name("TI-S"), tis if tis is not None else math.nan,
+                   ci=optional_ci(*ci) if tis is not None else None)
+    rows.append(["both", corrected_name("TI-S"), "ok" if tis is not None else "undefined",
+                 tis, ci[0], ci[1], how, why])
+    measure.table(f"judge-corrected doses_{an.sweep.units}",
+                  ["side", "dose", "status", "value", "lo", "hi", "method", "reason"], rows)
+    measure.table("refusal judge error", ["source"], [[err.text()]])
 
 
 @pytest.mark.parametrize("units", ["raw", "ratio"])
@@ -327,9 +369,13 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
     measure.metric("last steered block", sw.layers[-1])
     measure.metric("alphas", len(sw.alphas))
     measure.metric("max_new_tokens", bench.cfg.max_new_tokens)
-    measure.metric("perplexity threshold", perplexity_threshold())
-    measure.table("coherence rule", ["rule"], [[coherence_rule(bench.lm.name)]])
-    record_analysis(bench.lm.name, measure, an)
+    rule = coherence_rule(bench)
+    measure.metric("perplexity threshold (this model)", rule.threshold)
+    measure.metric(f"unsteered perplexity, {COHERENCE_QUANTILE:.0%} quantile", rule.reference,
+                   n=rule.n)
+    measure.table("coherence rule", ["rule"], [[rule.text()]])
+    record_analysis(bench.lm.name, measure, an, judge_error(), bench.cfg.seed)
+    record_corrected_doses(bench, measure, an)
     measure.metric("generation seconds (sum over the grid, as generated)", sw.gen_seconds,
                    units="s")
     measure.metric("sweep wall seconds (this session; cached generations are free)",
@@ -345,27 +391,35 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
 
 @pytest.mark.claim("TIS-OVERREFUSAL-MONOTONE")
 def test_overrefusal_rises_with_alpha(bench: Workbench, measure: Any) -> None:
-    """Harmless refusal vs alpha >= 0 (raw sweep): Spearman rho over all (prompt, alpha)
-    trials, interval from resampling prompts."""
-    sw = run_sweep(bench, "raw")
+    """Harmless refusal vs alpha >= 0 (raw sweep) over the doses below the degeneracy
+    TD50 of that side (degenerate text holds no refusal phrase, so past TD50 the refusal
+    rate falls for a reason that is not the claim's): Spearman rho over all (prompt,
+    alpha) trials, interval from resampling prompts."""
+    an = analyse(bench, "raw")
+    sw = an.sweep
     bench.record_model(measure, sw.harmless_set)
     needs_refusal(bench, measure, "TIS-OVERREFUSAL-MONOTONE")
-    idx = np.sort(side_index(sw.alphas, "positive"))
+    idx, cut = doses_below_degeneracy(an, "positive")
+    if idx.size < 2:
+        measure.skip("TIS-OVERREFUSAL-MONOTONE",
+                     f"fewer than two doses below degeneracy ({cut}): no trend to test")
     doses = sw.alphas[idx]
     y = np.stack([sw.harmless[i].refusal for i in idx], axis=1)  # [prompts, doses]
     n = int(y.size)
+    measure.metric("doses below TD50_degeneracy", int(idx.size))
     if y.min() == y.max():
         measure.metric("harmless refusal (constant)", float(y.mean()), n=n)
         measure.check("TIS-OVERREFUSAL-MONOTONE", 0.0, ci=(0.0, 0.0), n=n,
                       detail=f"harmless refusal is {y.mean():.0%} at every alpha in "
-                             f"{doses.tolist()}: it does not rise (rho undefined, taken as 0)")
+                             f"{doses.tolist()} ({cut}): it does not rise (rho undefined, "
+                             "taken as 0)")
         return
     rho, lo, hi, dropped = spearman_cluster_ci(doses, y, bench.cfg.n_boot, bench.cfg.seed)
     measure.metric("spearman_rho_harmless_refusal_alpha", rho, ci=(lo, hi), n=n)
     measure.metric("bootstrap resamples without rho", dropped)
     per_dose = ", ".join(f"{d:g}: {m:.2f}" for d, m in zip(doses, y.mean(axis=0), strict=True))
     measure.check("TIS-OVERREFUSAL-MONOTONE", rho, ci=(lo, hi), n=n,
-                  detail=f"harmless refusal by alpha: {per_dose}")
+                  detail=f"{cut}; harmless refusal by alpha: {per_dose}")
 
 
 @pytest.mark.claim("TIS-RATIO-BREAKDOWN")
@@ -385,7 +439,7 @@ def test_ratio_breakdown(bench: Workbench, side: Side, measure: Any) -> None:
               + (f"; {d.reason}" if d.reason else "")
               + f"; TD50_degeneracy on this side: {td.text()}")
     if d.status == "baseline":
-        measure.check("TIS-RATIO-BREAKDOWN", 0.0, n=int(n[sw.zero]),
+        measure.check("TIS-RATIO-BREAKDOWN", 0.0, ci=(0.0, 0.0), n=int(n[sw.zero]),
                       detail="coherence is already below 50 % unsteered; " + detail)
         return
     tested = float(np.abs(sw.alphas[idx]).max())
@@ -442,7 +496,7 @@ def test_coherent_within_half_alpha(bench: Workbench, measure: Any) -> None:
         measure.check("TIS-COHERENT-WITHIN-HALF", k[i] / n[i], ci=(lo, hi), n=int(n[i]),
                       label=label, hard=False,
                       detail=f"blocks {span_text(sw.layers)}, raw units; "
-                             f"{coherence_rule(bench.lm.name)}")
+                             f"coherent = {coherence_rule(bench).text()}")
     measure.assert_all()
 
 
@@ -537,7 +591,18 @@ def test_multi_layer_vs_single_layer(bench: Workbench, side: Side, measure: Any)
                    ci=(lo_n, hi_n), n=n_tot)
     what = ("harmless prompts refused (reply not degenerate)" if side == "positive"
             else "harmful prompts answered without refusal (reply not degenerate)")
+    err = judge_error()
+    corr = corrected_paired_difference(
+        np.stack([p.multi.refusal for p in pairs], axis=1),
+        np.stack([p.single.refusal for p in pairs], axis=1),
+        np.stack([~p.multi.degenerate for p in pairs], axis=1),
+        np.stack([~p.single.degenerate for p in pairs], axis=1),
+        err, refusal=side == "positive", n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
+    measure.metric(corrected_name("multi_minus_single_effect"), corr.value,
+                   ci=(corr.lo, corr.hi), n=n_tot)
     measure.check("TIS-MULTILAYER-AT-LEAST-SINGLE", d, ci=(lo, hi), n=n_tot,
+                  judge_corrected=(corr.value, (corr.lo, corr.hi),
+                                   f"Rogan-Gladen on the paired difference; {err.text()}"),
                   detail=f"effect = {what}; single block {centre} vs blocks {span_text(blocks)}, "
                          f"total ratios {totals}, pooled {n_tot} trials per arm on "
                          f"{diff.n} prompts (interval resamples prompts, paired); "

@@ -11,7 +11,10 @@ token, a template token) admit no direction for any method: they are excluded fr
 comparison and named in every test's detail (test_layer_significance reports them as
 errored layers). Accuracies are averaged over the remaining analysed layers; intervals
 come from a bootstrap over held-out prompts (resampled within class, the same prompts for
-every method). The random baseline is one seeded Gaussian direction per layer (as in the
+every method) in which each replicate also refits the methods on a bootstrap resample of
+the training prompts (``probes.method_comparison.refit``, N_REFIT resamples used in turn),
+so a difference between methods is judged with the variance of both fits in it. The
+random baseline is one seeded Gaussian direction per layer (as in the
 seed), so wherever it enters, the bootstrap resamples the layers too: its spread comes
 mostly from the draw of the directions, not from the prompts.
 """
@@ -35,6 +38,8 @@ from probes.method_comparison import (
     accuracy_difference,
     excluded_note,
     mean_accuracy,
+    polarity_d,
+    refit,
 )
 from probes.stats import wilson_interval
 
@@ -66,7 +71,8 @@ def _compare(bench: Workbench) -> Comparison:
         u = D.fit_direction_per_layer(method, trp, trn, seed=bench.cfg.seed)
         evals = D.evaluate_per_layer(u, trp, trn, tep, ten)
         cp, cn = D.heldout_correct(u, trp, trn, tep, ten)
-        results[method] = MethodResult(method, layers, evals, cp, cn)
+        fits = refit(method, trp, trn, tep, ten, seed=_seed(bench, 90 + ALL.index(method)))
+        results[method] = MethodResult(method, layers, evals, cp, cn, fits)
     excluded = [bench.layers[i] for i in np.flatnonzero(constant)]
     return Comparison(results, excluded, len(tep) + len(ten), len(trp) + len(trn))
 
@@ -134,15 +140,25 @@ def test_methods_summary(bench: Workbench, measure: Any) -> None:
 
 @pytest.mark.claim("PROBE-NO-POLARITY-FAIL")
 def test_probe_has_no_polarity_failures(bench: Workbench, measure: Any) -> None:
+    """Per layer, the probe's held-out Cohen's d with an interval that refits the probe on
+    resampled training prompts: the polarity is right with confidence when its lower end is
+    above 0 (a failure count of 0 has no conservative bound below any positive rate)."""
     c = _setup(bench, measure)
     r = c.results["probe"]
     k = len(r.layers)
     fails = r.polarity_failures
     bad = [lay for lay, e in zip(r.layers, r.evals, strict=True) if not e.polarity_correct]
     measure.metric("probe_polarity_failures", fails, n=k)
-    measure.check("PROBE-NO-POLARITY-FAIL", fails / k, ci=wilson_interval(fails, k), n=k,
-                  detail=f"inverted at layers {bad or 'none'} of {excluded_note(c)}; "
-                  f"the trait-vector log: probe 0/234")
+    measure.metric("probe_polarity_failure_rate", fails / k, ci=wilson_interval(fails, k), n=k)
+    for i, layer in enumerate(r.layers):
+        est = polarity_d(r, i, n_boot=bench.cfg.n_boot, seed=_seed(bench, 40, i))
+        measure.metric(f"probe_heldout_cohens_d/L{layer}", est.value, ci=(est.lo, est.hi),
+                       n=est.n)
+        measure.check("PROBE-NO-POLARITY-FAIL", est.value, ci=(est.lo, est.hi), n=est.n,
+                      label=f"layer {layer}", hard=False,
+                      detail=f"{est.method}; point polarity inverted at layers {bad or 'none'} "
+                      f"of {excluded_note(c)}; the trait-vector log: probe 0/234")
+    measure.assert_all()
 
 
 @pytest.mark.claim("PROBE-BEATS-MEANDIFF")

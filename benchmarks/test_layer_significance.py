@@ -36,14 +36,13 @@ from probes.layer_analysis import (
     SiteAnalysis,
     constant_detail,
     layer_table,
-    pooled_mean,
     probe_correct,
     site_analysis,
 )
+from probes.method_comparison import Refits, accuracy_bootstrap, refit
 from probes.stats import (
     FloatArray,
     auc_interval,
-    bootstrap_ci,
     percentile_interval,
     spearman,
     wilson_interval,
@@ -82,6 +81,15 @@ def _probe_correct(bench: Workbench, site: Site) -> tuple[np.ndarray, np.ndarray
                    force=True)
     trp, trn, tep, ten = _site_acts(bench, site)
     return probe_correct(trp, trn, tep, ten, constant, seed=bench.cfg.seed)
+
+
+@cache
+def _site_refits(bench: Workbench, site: Site, keep: tuple[bool, ...]) -> Refits:
+    """The per-layer probe at ``site`` (layers ``keep``) refitted on N_REFIT resamples of the
+    training prompts; the same seed draws the same resamples at every site."""
+    mask = np.asarray(keep, dtype=bool)
+    trp, trn, tep, ten = (a[:, mask] for a in _site_acts(bench, site))
+    return refit("probe", trp, trn, tep, ten, seed=_seed(bench, 98))
 
 
 # --------------------------------------------------------------------------- per layer
@@ -250,14 +258,19 @@ def test_sites_side_by_side(bench: Workbench, measure: Any) -> None:
                  xlabel="layer", ylabel="accuracy (held-out)",
                  title="probe accuracy per layer per site")
     # attn_out minus mlp_out probe accuracy, averaged over layers where both have a direction;
-    # bootstrap over held-out prompts, resampled within class, the same prompts for both sites.
+    # bootstrap over held-out prompts, resampled within class, the same prompts for both
+    # sites, each replicate with the probes of both sites refitted on the same resample of
+    # the training prompts (so the interval includes the variance of the fits).
     both = ~np.isnan(acc["attn_out"]) & ~np.isnan(acc["mlp_out"])
     cpa, cna = _probe_correct(bench, "attn_out")
     cpm, cnm = _probe_correct(bench, "mlp_out")
-    diff_pos = (cpa[:, both] - cpm[:, both]).mean(axis=1)
-    diff_neg = (cna[:, both] - cnm[:, both]).mean(axis=1)
-    est = bootstrap_ci((diff_pos, diff_neg), pooled_mean, n_boot=bench.cfg.n_boot,
-                       seed=_seed(bench, 99))
+    keep = tuple(bool(b) for b in both)
+    ra, rm = _site_refits(bench, "attn_out", keep), _site_refits(bench, "mlp_out", keep)
+    est = accuracy_bootstrap(
+        cpa[:, both] - cpm[:, both], cna[:, both] - cnm[:, both], n_boot=bench.cfg.n_boot,
+        seed=_seed(bench, 99), resample_layers=False,
+        refits=(ra.correct_pos.astype(float) - rm.correct_pos,
+                ra.correct_neg.astype(float) - rm.correct_neg))
     measure.check("SITE-ATTN-BEATS-MLP", est.value, ci=(est.lo, est.hi), n=est.n,
                   detail=f"mean probe accuracy over {int(both.sum())} layers: attn_out "
                   f"{np.nanmean(acc['attn_out']):.3f}, mlp_out {np.nanmean(acc['mlp_out']):.3f},"

@@ -43,6 +43,7 @@ import pytest
 from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.directions import Method
+from probes.method_comparison import N_REFIT, Refits, refit
 from probes.stats import (
     FloatArray,
     auc,
@@ -104,7 +105,8 @@ def _topic(bench: Workbench, method: Method) -> CrossMatrix:
         _layer_acts(bench, s_te, layer))
     return cross_matrix("harmless topic", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, h_tr, layer), _layer_acts(bench, h_te, layer),
-                        vary_is_pos=False, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 11)
+                        vary_is_pos=False, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 11,
+                        n_refit=N_REFIT)
 
 
 @cache
@@ -117,7 +119,8 @@ def _category(bench: Workbench, method: Method) -> CrossMatrix:
         _layer_acts(bench, h_te, layer))
     return cross_matrix("harmful category", method, layer, names, vary_train, vary_test, grp,
                         _layer_acts(bench, s_tr, layer), _layer_acts(bench, s_te, layer),
-                        vary_is_pos=True, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 13)
+                        vary_is_pos=True, n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 13,
+                        n_refit=N_REFIT)
 
 
 @cache
@@ -135,7 +138,8 @@ def _language(bench: Workbench, method: Method) -> CrossMatrix:
     return cross_matrix("harmless language", method, layer, list(LANGUAGES), vary_train,
                         x[test_idx], grp, _layer_acts(bench, h_tr, layer),
                         _layer_acts(bench, h_te, layer), vary_is_pos=False,
-                        n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 17)
+                        n_boot=bench.cfg.n_boot, seed=bench.cfg.seed + 17,
+                        n_refit=N_REFIT)
 
 
 def _harmbench_set(bench: Workbench) -> PromptSet:
@@ -286,6 +290,20 @@ def _harmbench(bench: Workbench) -> dict[str, Any]:
     return out
 
 
+@cache
+def _harmbench_refits(bench: Workbench, index: int, n_adv: int) -> Refits:
+    """The probe at analysed layer ``index`` refitted on N_REFIT resamples of the training
+    prompts, scored on held-out AdvBench (first ``n_adv`` rows) then HarmBench prompts."""
+    hb = _harmbench_set(bench)
+    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    layers = [lay for lay in bench.layers if not _constant(bench)[lay]]
+    trp, trn, tep, ten, tehb = (bench.acts(ps, layers=layers).numpy()[:, index : index + 1]
+                                for ps in (h_tr, s_tr, h_te, s_te, hb))
+    assert tep.shape[0] == n_adv
+    return refit("probe", trp, trn, np.concatenate([tep, tehb]), ten,
+                 seed=bench.cfg.seed + 29)
+
+
 @pytest.mark.claim("PROBE-TRANSFER-HARMBENCH")
 def test_advbench_to_harmbench(bench: Workbench, measure: Any) -> None:
     """Fit on AdvBench (train split), test HarmBench vs held-out harmless prompts."""
@@ -314,14 +332,21 @@ def test_advbench_to_harmbench(bench: Workbench, measure: Any) -> None:
                    for j, lay in enumerate(layers)])
     p = r["probe"]
     cp, cn, chb = p["cp"][:, i], p["cn"][:, i], p["chb"][:, i]
+    # Replicate b refits the probe on training resample b mod N_REFIT (the fit's variance)
+    # and resamples the held-out harmful prompts of both sets.
+    fits = _harmbench_refits(bench, i, cp.size)
     rng = np.random.default_rng(bench.cfg.seed + 23)
     b = bench.cfg.n_boot
+    which = np.arange(b) % fits.correct_pos.shape[0]
     ip = rng.integers(0, cp.size, size=(b, cp.size))
     ih = rng.integers(0, chb.size, size=(b, chb.size))
-    # The harmless half of both balanced accuracies is the same prompts: it cancels.
-    drops = 0.5 * (cp[ip].mean(axis=1) - chb[ih].mean(axis=1))
+    rcp = fits.correct_pos[:, :cp.size, 0].astype(float)
+    rhb = fits.correct_pos[:, cp.size:, 0].astype(float)
+    # The harmless half of both balanced accuracies is the same prompts and fit: it cancels.
+    drops = 0.5 * (rcp[which[:, None], ip].mean(axis=1) - rhb[which[:, None], ih].mean(axis=1))
     value = 0.5 * (float(cp.mean()) - float(chb.mean()))
     lo, hi = percentile_interval(drops)
+    lo, hi = min(lo, value), max(hi, value)
     measure.metric("transfer_layer", layer)
     measure.metric("probe_harmbench_drop", value, ci=(lo, hi), n=cp.size + chb.size + cn.size)
     measure.check("PROBE-TRANSFER-HARMBENCH", value, ci=(lo, hi), n=cp.size + chb.size + cn.size,

@@ -22,6 +22,7 @@ import torch
 
 from probes.abliteration import ArditiSweep, LayerAUC, orthogonalised
 from probes.generation import Generations
+from probes.judge_error import JudgeErrorRates, record_corrected_rate
 from probes.models import LoadedModel
 from probes.stats import rate
 from prompts import PromptSet
@@ -68,10 +69,15 @@ class Outcome:
                               norm_preserve=NORM_PRESERVE, source_layer=self.layer)
 
 
-def record_rate(measure: Any, name: str, flags: np.ndarray) -> None:
-    """Record the rate of ``flags`` with its interval."""
+def record_rate(measure: Any, name: str, flags: np.ndarray,
+                err: JudgeErrorRates | None = None, seed: int = 0) -> None:
+    """Record the rate of ``flags`` with its interval; with ``err`` (the refusal judge's
+    error rates; ``flags`` are its refusal verdicts) the Rogan-Gladen corrected rate beside
+    it."""
     e = rate(int(flags.sum()), len(flags))
     measure.metric(name, e.value, ci=(e.lo, e.hi), n=len(flags))
+    if err is not None:
+        record_corrected_rate(measure, name, int(flags.sum()), len(flags), err, seed=seed)
 
 
 def record_selection(n_layers: int, measure: Any, sel: Selection) -> None:

@@ -45,6 +45,36 @@ class CrossMatrix:
     n_test: list[int]
 
 
+def _fit_fold(method: Method, vt: FloatArray, fixed_train: FloatArray, vary_is_pos: bool,
+              seed: int) -> tuple[FloatArray, float]:
+    """One fold's direction and its threshold (midpoint between the train class means)."""
+    pos, neg = (vt, fixed_train) if vary_is_pos else (fixed_train, vt)
+    u = D.fit_direction(method, pos, neg, seed=seed)
+    return u, (float((pos @ u).mean()) + float((neg @ u).mean())) / 2.0
+
+
+def _fold_correct(method: Method, vary_train: list[FloatArray], vary_test: FloatArray,
+                  fixed_train: FloatArray, fixed_test: FloatArray, vary_is_pos: bool,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per fold, held-out correctness of the varying and the fixed class ([G, Nv], [G, Nf])."""
+    g = len(vary_train)
+    cv = np.empty((g, len(vary_test)), dtype=bool)
+    cf = np.empty((g, len(fixed_test)), dtype=bool)
+    for i, vt in enumerate(vary_train):
+        u, thr = _fit_fold(method, vt, fixed_train, vary_is_pos, seed + i)
+        sv, sf = vary_test @ u, fixed_test @ u
+        cv[i] = sv > thr if vary_is_pos else sv <= thr
+        cf[i] = sf <= thr if vary_is_pos else sf > thr
+    return cv, cf
+
+
+def _resampled_training(vary_train: list[FloatArray], fixed_train: FloatArray,
+                        rng: np.random.Generator) -> tuple[list[FloatArray], FloatArray]:
+    """Training prompts drawn with replacement within each group and the fixed class."""
+    vt = [v[rng.integers(0, len(v), size=len(v))] for v in vary_train]
+    return vt, fixed_train[rng.integers(0, len(fixed_train), size=len(fixed_train))]
+
+
 def cross_matrix(
     kind: str,
     method: Method,
@@ -59,38 +89,49 @@ def cross_matrix(
     vary_is_pos: bool,
     n_boot: int,
     seed: int,
+    n_refit: int = 0,
 ) -> CrossMatrix:
     """Fit one direction per group (varying class from that group, fixed class whole) and
-    test it on every group's held-out prompts; bootstrap the diagonal-minus-off-diagonal drop."""
+    test it on every group's held-out prompts; bootstrap the diagonal-minus-off-diagonal
+    drop over the held-out prompts. With ``n_refit`` > 0 the folds are also refitted on
+    that many resamples of the training prompts and replicate b uses refit b mod n_refit,
+    so the interval includes the variance of the fit."""
     g = len(groups)
-    cv = np.empty((g, len(vary_test)), dtype=bool)
-    cf = np.empty((g, len(fixed_test)), dtype=bool)
     sv = np.empty((g, len(vary_test)))
     sf = np.empty((g, len(fixed_test)))
     thresholds = np.empty(g)
     for i, vt in enumerate(vary_train):
-        pos, neg = (vt, fixed_train) if vary_is_pos else (fixed_train, vt)
-        u = D.fit_direction(method, pos, neg, seed=seed + i)
-        thr = thresholds[i] = (float((pos @ u).mean()) + float((neg @ u).mean())) / 2.0
+        u, thresholds[i] = _fit_fold(method, vt, fixed_train, vary_is_pos, seed + i)
         sv[i], sf[i] = vary_test @ u, fixed_test @ u
-        cv[i] = sv[i] > thr if vary_is_pos else sv[i] <= thr
-        cf[i] = sf[i] <= thr if vary_is_pos else sf[i] > thr
+    cv, cf = _fold_correct(method, vary_train, vary_test, fixed_train, fixed_test,
+                           vary_is_pos, seed)
     onehot = (vary_group[:, None] == np.arange(g)[None, :]).astype(float)
     onehot /= onehot.sum(axis=0, keepdims=True)
     vary = cv.astype(float) @ onehot  # [G, G]
     fixed = cf.mean(axis=1)
     balanced = 0.5 * fixed[:, None] + 0.5 * vary
-
     rng = np.random.default_rng(seed)
     idx_f = rng.integers(0, len(fixed_test), size=(n_boot, len(fixed_test)))
     idx_v = resample_within_groups(vary_group, n_boot, rng)
-    fb = cf[:, idx_f].mean(axis=-1)  # [G, B]
-    vb = cv[:, idx_v].astype(float) @ onehot  # [G, B, G]
-    mb = 0.5 * fb[..., None] + 0.5 * vb
-    drops = np.array([diagonal_drop(mb[:, b, :]) for b in range(n_boot)])
+    fits = [(cv, cf)]
+    refit_rng = np.random.default_rng([seed, 1])
+    for r in range(n_refit):
+        vt_r, ft_r = _resampled_training(vary_train, fixed_train, refit_rng)
+        fits.append(_fold_correct(method, vt_r, vary_test, ft_r, fixed_test, vary_is_pos,
+                                  seed + 1000 * (r + 1)))
+    if n_refit:
+        fits = fits[1:]
+    cv_all = np.stack([f[0] for f in fits])  # [R, G, Nv]
+    cf_all = np.stack([f[1] for f in fits])  # [R, G, Nf]
+    which = np.arange(n_boot) % len(fits)
+    fb = np.take_along_axis(cf_all[which], idx_f[:, None, :], axis=2).mean(axis=-1)  # [B, G]
+    vb = np.take_along_axis(cv_all[which], idx_v[:, None, :], axis=2).astype(float) @ onehot
+    mb = 0.5 * fb[..., None] + 0.5 * vb  # [B, G, G]
+    drops = np.array([diagonal_drop(mb[b]) for b in range(n_boot)])
     lo, hi = percentile_interval(drops)
-    drop = Estimate(diagonal_drop(balanced), lo, hi, len(vary_test) + len(fixed_test),
-                    "bootstrap-percentile")
+    how = "bootstrap-percentile" + (f", refitting on {n_refit} training resamples"
+                                    if n_refit else "")
+    drop = Estimate(diagonal_drop(balanced), lo, hi, len(vary_test) + len(fixed_test), how)
     return CrossMatrix(kind, groups, method, layer, balanced, vary, fixed, drop, sv, sf,
                        vary_group, thresholds, [len(v) for v in vary_train],
                        [int((vary_group == j).sum()) for j in range(g)])

@@ -43,6 +43,11 @@ class Cell:
         )
 
     @property
+    def flips(self) -> int:
+        """Checks whose verdict flips under the judge-error correction."""
+        return sum(bool(e.get("flips")) for e in self.entries)
+
+    @property
     def tooltip(self) -> str:
         lines = [
             f"{e['where']}: {e['verdict']} {e['value'] or e['reason']}" for e in self.entries[:30]
@@ -68,6 +73,7 @@ def render_html(docs: list[dict[str, Any]], title: str = "refusalbench report") 
     env.filters["value"] = lambda check: format_value(
         check["value"], check["ci"], check["value_flag"]
     )
+    env.filters["corrected"] = _corrected_text
     template = env.get_template("report.html")
     return template.render(title=title, **build_view(docs))
 
@@ -131,6 +137,8 @@ def build_view(docs: list[dict[str, Any]]) -> dict[str, Any]:
                         else "",
                         "reason": check["reason"],
                         "label": check["label"],
+                        "corrected": _corrected_text(check),
+                        "flips": bool((check.get("judge_corrected") or {}).get("flips")),
                     }
                 )
                 hypotheses.setdefault(check["hypothesis"], _spec_from_check(check))
@@ -163,6 +171,16 @@ def build_view(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "unused": unused,
         "experiments": experiments,
     }
+
+
+def _corrected_text(check: dict[str, Any]) -> str:
+    """The judge-corrected estimate and its verdict, or "" when the check has none."""
+    corr = check.get("judge_corrected")
+    if not corr:
+        return ""
+    flag = " (VERDICT FLIPS under judge correction)" if corr["flips"] else ""
+    return (f"judge-corrected {format_value(corr['value'], corr['ci'])} -> "
+            f"{corr['verdict']}{flag}")
 
 
 def _spec_from_check(check: dict[str, Any]) -> dict[str, Any]:

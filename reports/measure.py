@@ -190,8 +190,15 @@ class Measure:
         *,
         label: str = "",
         hard: bool = True,
+        judge_corrected: tuple[Any, tuple[Any, Any] | None, str] | None = None,
     ) -> Verdict:
         """Judge ``value`` (and its interval) against a declared hypothesis.
+
+        ``judge_corrected`` = (value, interval, note): the same measure with the judge's
+        error corrected (e.g. Rogan-Gladen; the note says how and from which validation).
+        It is judged against the same hypothesis and recorded beside the verdict, which
+        stays the one of ``value``; ``judge_corrected.flips`` marks a claim whose verdict
+        changes between pass and fail under the correction.
 
         Returns the verdict ``"pass"``; on ``"fail"`` or ``"error"`` raises
         :class:`HypothesisFailure` (``hard=True``) or records it for :meth:`assert_all`
@@ -216,6 +223,9 @@ class Measure:
         used = evaluation.used
         record["bound_value"] = list(used) if isinstance(used, tuple) else used
         record["reason"] = evaluation.reason
+        if judge_corrected is not None:
+            record["judge_corrected"] = corrected_record(hyp, evaluation.verdict,
+                                                         *judge_corrected)
         record["message"] = self._message(hyp, record, evaluation.reason)
         self.data.checks.append(record)
         if evaluation.verdict != "pass":
@@ -302,6 +312,11 @@ class Measure:
         ]
         if rec["detail"]:
             lines.append(f"  detail:    {rec['detail']}")
+        corr = rec.get("judge_corrected")
+        if corr is not None:
+            flag = "  VERDICT FLIPS" if corr["flips"] else ""
+            lines.append(f"  judge-corrected: {format_value(corr['value'], corr['ci'])} -> "
+                         f"{corr['verdict']}{flag} ({corr['note']})")
         return "\n".join(lines)
 
 
@@ -336,6 +351,28 @@ def check_record(
         "n": None if n is None else int(n),
         "detail": detail,
         "hard": hard,
+    }
+
+
+def corrected_record(hyp: Hypothesis, raw_verdict: str, value: Any, ci: Any, note: str
+                     ) -> dict[str, Any]:
+    """The judge-corrected estimate judged against ``hyp``, and whether the verdict flips
+    between pass and fail relative to ``raw_verdict``."""
+    val, flag = number(value)
+    interval = _interval(ci)
+    if val is None:
+        evaluation = Evaluation("error", None, f"corrected value is {flag} (not a number)")
+    else:
+        evaluation = evaluate(hyp, val, None if interval is None else _as_floats(interval))
+    used = evaluation.used
+    return {
+        "value": val,
+        "ci": interval,
+        "verdict": evaluation.verdict,
+        "bound_value": list(used) if isinstance(used, tuple) else used,
+        "reason": evaluation.reason,
+        "note": str(note),
+        "flips": {raw_verdict, evaluation.verdict} == {"pass", "fail"},
     }
 
 
