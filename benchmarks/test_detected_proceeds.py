@@ -65,7 +65,6 @@ from probes.geometry import (
     midpoint_thresholds,
     proceed_layers,
 )
-from probes.judges import refusal_judge
 from probes.layer_alignment import layer_alignment, record_cross_layer
 from probes.monitoring import TokenMonitor, Trajectory, window_mean
 from probes.stats import (
@@ -175,7 +174,7 @@ def _study(bench: Workbench) -> Study:
         trajs += [Trajectory(offset + t.prompt_index, t.layers, t.token_ids, t.projections)
                   for t in p.trajectories]
         offset += len(p.texts)
-    refused = refusal_judge(texts)
+    refused = bench.judge(prompts, texts).refusal
     unit = bench.refusal_directions.unit[layers].double().numpy()  # [k, d]
     harm_acts = torch.cat([_acts(bench, p.prompts, layers) for p in parts]).double().numpy()
     harmless = bench.eval_pair()[1]

@@ -15,7 +15,8 @@ Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
     ||alpha v|| / ||h||, defined there for a vector added at one layer; spreading the same
     ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
-* Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
+* Each reply is judged by the ``--judge`` (refusal / compliance; off-topic and degenerate
+  replies are neither), the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most
   ``probes.judges.PERPLEXITY_THRESHOLD``. Every rate has a Wilson 95 % interval.
 * Doses. Each side of alpha = 0 is analysed separately, with the outcome written so that it
@@ -181,10 +182,11 @@ def judge_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, Generations, st
                 coherent = ~degenerate & (ppl <= threshold)
         else:
             coherent = ~degenerate.copy()
-        out.append(Judged(key, tuple(prompts.texts), tuple(texts),
-                          judges.refusal_judge(texts), degenerate, ppl,
-                          np.asarray(coherent, dtype=np.bool_), float(gens.seconds),
-                          int(sum(gens.new_tokens))))
+        verdicts = bench.judge(prompts.texts, texts)
+        out.append(Judged(key, tuple(prompts.texts), tuple(texts), verdicts.refusal,
+                          degenerate, ppl, np.asarray(coherent, dtype=np.bool_),
+                          float(gens.seconds), int(sum(gens.new_tokens)),
+                          verdicts.compliance))
     return out
 
 

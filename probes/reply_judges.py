@@ -74,14 +74,24 @@ STOPWORDS: frozenset[str] = frozenset((
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 STEM_CHARS = 5
-"""Words are compared by their first five letters ("hacking" ~ "hacker", "bombs" ~ "bomb")."""
+"""Words are compared by their first five letters after one common suffix is cut
+("hacking" ~ "hacker", "bombs" ~ "bomb")."""
+_SUFFIXES = ("ings", "ing", "ers", "er", "ed", "es", "s", "ly")
+
+
+def _stem(word: str) -> str:
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    return word[:STEM_CHARS]
 
 
 def content_stems(text: str) -> frozenset[str]:
     """The content words of ``text`` (letters only, 3+ letters, not in :data:`STOPWORDS`),
-    each cut to its first :data:`STEM_CHARS` letters."""
+    stemmed (:data:`STEM_CHARS`)."""
     words = _WORD.findall(normalise_text(text))
-    return frozenset(w[:STEM_CHARS] for w in words if len(w) >= 3 and w not in STOPWORDS)
+    return frozenset(_stem(w) for w in words if len(w) >= 3 and w not in STOPWORDS)
 
 
 def relevance_overlap(prompt: str, reply: str) -> float:
@@ -167,6 +177,19 @@ def fit_off_topic_overlap(dev_rows: Sequence[LabelledReply]) -> float:
         if correct > best_correct:
             best, best_correct = t, correct
     return best
+
+
+class SplitReply(LabelledReply, Protocol):
+    """A labelled reply that knows its half (``dev`` or ``heldout``)."""
+
+    @property
+    def split(self) -> str: ...
+
+
+def fitted_off_topic_overlap(rows: Sequence[SplitReply]) -> float:
+    """:func:`fit_off_topic_overlap` on the development rows of ``rows``; the held-out rows
+    are dropped before the fit sees anything (this is how :data:`OFF_TOPIC_OVERLAP` was set)."""
+    return fit_off_topic_overlap([r for r in rows if r.split == "dev"])
 
 
 # --------------------------------------------------------------------------- registry
