@@ -225,7 +225,7 @@ class ProjectReply:
 
 def _project_row(path: Path, n: int, raw: object) -> ProjectReply:
     where = f"{path.name} line {n}"
-    hint = "regenerate with python -m prompts.build_labelled_replies and label every row"
+    hint = "regenerate with python -m fixtures.build_labelled_replies and label every row"
     if not isinstance(raw, dict) or any(k not in raw for k in _PROJECT_FIELDS):
         raise PromptSetError(f"{where}: needs the fields {', '.join(_PROJECT_FIELDS)}", hint)
     checks = (("condition", PROJECT_CONDITIONS), ("prompt_set", PROJECT_PROMPT_SETS),
@@ -248,7 +248,7 @@ def project_replies(path: Path | None = None) -> list[ProjectReply]:
     if not p.is_file():
         raise PromptSetError(f"{p} is missing",
                              "restore it from the repository (python -m "
-                             "prompts.build_labelled_replies regenerates the replies)")
+                             "fixtures.build_labelled_replies regenerates the replies)")
     rows = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
