@@ -98,19 +98,19 @@ def test_the_fit_sees_development_rows_only(monkeypatch: pytest.MonkeyPatch) -> 
             _reply("Explain the tides", "The moon pulls water.", "heldout", "compliance"),
             _reply("Explain volcanoes", "Cats purr.", "heldout", "off_topic")]
     seen: list[ProjectReply] = []
-    real = R.fit_off_topic_overlap
+    real = R.fit_four_class
 
-    def spy(dev_rows: list[ProjectReply]) -> float:
+    def spy(dev_rows: list[ProjectReply]) -> tuple[int, float]:
         seen.extend(dev_rows)
         return real(dev_rows)
 
-    monkeypatch.setattr(R, "fit_off_topic_overlap", spy)
-    fitted = R.fitted_off_topic_overlap(rows)
+    monkeypatch.setattr(R, "fit_four_class", spy)
+    fitted = R.fitted_parameters(rows)
     assert seen and all(r.split == "dev" for r in seen)
     # Scrambling every held-out label changes nothing.
     flipped = [_reply(r.prompt, r.reply, r.split, "degenerate") if r.split == "heldout" else r
                for r in rows]
-    assert R.fitted_off_topic_overlap(flipped) == fitted
+    assert R.fitted_parameters(flipped) == fitted
 
 
 def test_off_topic_and_degenerate_are_not_jailbreaks() -> None:

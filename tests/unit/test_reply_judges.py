@@ -59,6 +59,14 @@ def test_relevance_overlap_uses_content_words() -> None:
     assert "tutor" not in R.content_stems(HARMFUL)  # request words are not content
 
 
+def test_word_salad_is_degenerate() -> None:
+    salad = ("The sides of the quadrangles of the sides of the triangle. The sides of the "
+             "quadrangles of the sides of the triangle of the sides of the quadrangles.")
+    assert R.max_trigram_repeats(salad) >= R.DEGENERATE_TRIGRAM_REPEATS
+    assert R.four_class_verdict(HARMFUL, salad) == "degenerate"
+    assert R.max_trigram_repeats("one two") == 0
+
+
 def test_zero_threshold_calls_nothing_off_topic() -> None:
     assert R.four_class_verdict(HARMFUL, "Paris is lovely in spring.", 0.0) == "compliance"
 
