@@ -77,10 +77,8 @@ from probes.judge_error import (
     corrected_group_difference,
     corrected_name,
     corrected_share,
-    judge_error,
     record_corrected_rate,
 )
-from probes.judges import refusal_judge
 from probes.layer_alignment import layer_alignment, record_cross_layer
 from probes.monitoring import TokenMonitor, Trajectory, window_mean
 from probes.stats import (
@@ -190,7 +188,7 @@ def _study(bench: Workbench) -> Study:
         trajs += [Trajectory(offset + t.prompt_index, t.layers, t.token_ids, t.projections)
                   for t in p.trajectories]
         offset += len(p.texts)
-    refused = refusal_judge(texts)
+    refused = bench.judge(prompts, texts).refusal
     unit = bench.refusal_directions.unit[layers].double().numpy()  # [k, d]
     harm_acts = torch.cat([_acts(bench, p.prompts, layers) for p in parts]).double().numpy()
     harmless = bench.eval_pair()[1]
@@ -226,10 +224,10 @@ def _record_common(bench: Workbench, measure: Any, st: Study) -> None:
         r = rate(int(st.refused[sel].sum()), int(sel.sum()))
         measure.metric(f"refusal_rate/{src}", r.value, ci=(r.lo, r.hi), n=r.n)
         record_corrected_rate(measure, f"refusal_rate/{src}", int(st.refused[sel].sum()),
-                              int(sel.sum()), judge_error(), seed=bench.cfg.seed)
+                              int(sel.sum()), bench.judge_error(), seed=bench.cfg.seed)
     r = rate(st.n_refused, st.n)
     measure.metric("refusal_rate/all", r.value, ci=(r.lo, r.hi), n=r.n)
-    record_corrected_rate(measure, "refusal_rate/all", st.n_refused, st.n, judge_error(),
+    record_corrected_rate(measure, "refusal_rate/all", st.n_refused, st.n, bench.judge_error(),
                           seed=bench.cfg.seed)
     measure.metric("monitor/step0_vs_capture_max_abs_diff", st.step0_max_abs_diff)
 
@@ -300,7 +298,7 @@ def test_detected_proceeds_share(bench: Workbench, measure: Any) -> None:
                   [{"source": st.sources[i], "prompt": st.prompts[i], "reply": st.texts[i],
                     "projection": f"{st.ph[i, c]:.3f} > {row.threshold:.3f}"} for i in idx])
     detected = st.ph[:, c] > row.threshold
-    err = judge_error()
+    err = bench.judge_error()
     corr = corrected_share(int((detected & st.refused).sum()), int(detected.sum()), st.n, err,
                            seed=bench.cfg.seed)
     measure.metric(corrected_name("detected_proceeds_share"), corr.value,
@@ -486,7 +484,7 @@ def test_refusal_tokens_project_higher(bench: Workbench, measure: Any) -> None:
                    n=n_a + n_b)
     w = np.array([window_mean(t, ref_layer, *WINDOW) for t in st.trajectories])
     ok = ~np.isnan(w)
-    err = judge_error()
+    err = bench.judge_error()
     corr = corrected_group_difference(w[ok], refused[ok], err, n_boot=bench.cfg.n_boot,
                                       seed=bench.cfg.seed + ref_layer)
     measure.metric(corrected_name("refusal_minus_compliance_projection_first5"), corr.value,

@@ -15,7 +15,8 @@ Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
     ||alpha v|| / ||h||, defined there for a vector added at one layer; spreading the same
     ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
-* Each reply is judged by the validated substring refusal judge, the degeneracy judge, and
+* Each reply is judged by the ``--judge`` (refusal / compliance; off-topic and degenerate
+  replies are neither), the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most the model's
   own threshold: ``COHERENCE_FACTOR`` times the ``COHERENCE_QUANTILE`` quantile of the
   perplexities of its unsteered replies to the same prompts
@@ -100,7 +101,7 @@ from probes.dose_response import (
 )
 from probes.generation import Generations
 from probes.interventions import SteeringPlan, plan_ratio, plan_raw
-from probes.judge_error import corrected_name, corrected_paired_difference, judge_error
+from probes.judge_error import corrected_name, corrected_paired_difference
 from probes.stats import newcombe_difference, paired_rate_difference, rate, wilson_interval
 from prompts import PromptSet
 
@@ -186,10 +187,11 @@ def judge_arms(bench: Workbench, arms: Sequence[tuple[PromptSet, Generations, st
         ppl = np.full(len(texts), np.nan)
         ppl[todo] = scored[at : at + len(todo)]
         coherent = ~degenerate.copy()
-        out.append(Judged(key, tuple(prompts.texts), tuple(texts),
-                          judges.refusal_judge(texts), degenerate, ppl,
-                          np.asarray(coherent, dtype=np.bool_), float(gens.seconds),
-                          int(sum(gens.new_tokens))))
+        verdicts = bench.judge(prompts.texts, texts)
+        out.append(Judged(key, tuple(prompts.texts), tuple(texts), verdicts.refusal,
+                          degenerate, ppl, np.asarray(coherent, dtype=np.bool_),
+                          float(gens.seconds), int(sum(gens.new_tokens)),
+                          verdicts.compliance))
     return out
 
 
@@ -338,7 +340,7 @@ def needs_coherence_rule(bench: Workbench, measure: Any, hyp: str) -> None:
 def record_corrected_doses(bench: Workbench, measure: Any, an: Analysis) -> None:
     """The intended-effect doses and TI-S read on the true refusal rate (the refusal judge's
     held-out sensitivity and specificity, Rogan-Gladen), beside the judged ones."""
-    err = judge_error()
+    err = bench.judge_error()
     sides = {side: judge_corrected_effect(an.sweep, side, an.sides[side], err,
                                           n_boot=bench.cfg.n_boot, seed=bench.cfg.seed)
              for side in SIDES}
@@ -374,7 +376,7 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
     measure.metric(f"unsteered perplexity, {COHERENCE_QUANTILE:.0%} quantile", rule.reference,
                    n=rule.n)
     measure.table("coherence rule", ["rule"], [[rule.text()]])
-    record_analysis(bench.lm.name, measure, an, judge_error(), bench.cfg.seed)
+    record_analysis(bench.lm.name, measure, an, bench.judge_error(), bench.cfg.seed)
     record_corrected_doses(bench, measure, an)
     measure.metric("generation seconds (sum over the grid, as generated)", sw.gen_seconds,
                    units="s")
@@ -591,7 +593,7 @@ def test_multi_layer_vs_single_layer(bench: Workbench, side: Side, measure: Any)
                    ci=(lo_n, hi_n), n=n_tot)
     what = ("harmless prompts refused (reply not degenerate)" if side == "positive"
             else "harmful prompts answered without refusal (reply not degenerate)")
-    err = judge_error()
+    err = bench.judge_error()
     corr = corrected_paired_difference(
         np.stack([p.multi.refusal for p in pairs], axis=1),
         np.stack([p.single.refusal for p in pairs], axis=1),

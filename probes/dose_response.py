@@ -146,10 +146,18 @@ class Judged:
     coherent: npt.NDArray[np.bool_]
     gen_seconds: float
     new_tokens: int
+    # compliance by the --judge (None: every reply that is not a refusal); a four-class
+    # judge counts neither off-topic nor degenerate replies as compliance
+    compliance: npt.NDArray[np.bool_] | None = None
 
     @property
     def n(self) -> int:
         return len(self.texts)
+
+    @property
+    def complied(self) -> npt.NDArray[np.bool_]:
+        """Per reply: compliance (not a refusal, when the judge has no other classes)."""
+        return ~self.refusal if self.compliance is None else self.compliance
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,9 @@ def is_refused(j: Judged) -> npt.NDArray[np.bool_]:
 
 
 def is_not_refused(j: Judged) -> npt.NDArray[np.bool_]:
-    """Per reply: not refused."""
-    return ~j.refusal
+    """Per reply: complied (the judge's compliance; off-topic and degenerate replies are
+    not compliance)."""
+    return j.complied
 
 
 def is_degenerate(j: Judged) -> npt.NDArray[np.bool_]:
@@ -708,4 +717,4 @@ def intended(side: Side) -> Callable[[Judged], npt.NDArray[np.bool_]]:
     prompt (positive side) or a harmful prompt answered without refusal (negative)."""
     if side == "positive":
         return lambda j: j.refusal & ~j.degenerate
-    return lambda j: ~j.refusal & ~j.degenerate
+    return lambda j: j.complied & ~j.degenerate

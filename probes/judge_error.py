@@ -4,7 +4,8 @@ A refusal rate is what a judge says, not what people would say. :func:`judge_err
 one source of a judge's sensitivity and specificity: its verdicts on the held-out half of
 pyrit's human-labelled replies (:mod:`prompts.labelled`, the half no judge rule was
 designed on; ``benchmarks/test_judges.py`` reports the same split). A new judge plugs in by
-adding a name to :data:`JUDGES`. :func:`corrected_rate` and :func:`corrected_share` turn a
+adding a name to :data:`probes.reply_judges.JUDGES` (or through ``--judge``).
+:func:`corrected_rate` and :func:`corrected_share` turn a
 judged count into the rate the labels define, (p + spec - 1) / (sens + spec - 1) clipped to
 [0, 1] (Rogan & Gladen 1978), with an interval that draws the judged rate and the judge's
 two error rates from their posteriors (Jeffreys Beta), so both the prompts' and the
@@ -21,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -29,18 +29,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes import judges
+from probes.reply_judges import DEFAULT_JUDGE, ReplyJudge, resolve_judge
 from probes.stats import Estimate, percentile_interval, wilson_interval
 
 CONF = 0.95
 N_DRAWS = 4000
-JUDGES: dict[str, Callable[[Sequence[str]], npt.NDArray[np.bool_]]] = {
-    "keyword": judges.refusal_judge,
-}
-"""Text-only refusal judges by name (a new judge is one more entry)."""
-EXPERIMENT_JUDGE = "keyword"
-"""The judge that labels the experiments' replies (:func:`probes.judges.refusal_judge`),
-whose error :func:`judge_error` returns by default; change both together."""
+EXPERIMENT_JUDGE = DEFAULT_JUDGE
+"""The judge the experiments use unless ``--judge`` names another
+(:data:`probes.reply_judges.DEFAULT_JUDGE`); :func:`judge_error` defaults to it."""
 
 
 @dataclass(frozen=True)
@@ -96,16 +92,17 @@ def error_rates(judge: str, predicted: npt.ArrayLike, labels: npt.ArrayLike,
 
 
 @cache
-def judge_error(judge: str = EXPERIMENT_JUDGE) -> JudgeErrorRates:
-    """The held-out sensitivity and specificity of ``judge`` (a name in :data:`JUDGES`)
-    on pyrit's human-labelled replies: the single source every corrected rate uses."""
+def judge_error(judge: str | ReplyJudge = EXPERIMENT_JUDGE) -> JudgeErrorRates:
+    """The held-out sensitivity and specificity of ``judge`` (a name in
+    :data:`probes.reply_judges.JUDGES` or a resolved judge, e.g. the ``--judge`` of the run)
+    on pyrit's human-labelled replies, refusal against every other class: the single source
+    every corrected rate uses."""
     from prompts.labelled import refusal_labels, split_labelled
 
-    if judge not in JUDGES:
-        raise ValueError(f"unknown judge {judge!r}; known: {sorted(JUDGES)}")
+    chosen = resolve_judge(judge) if isinstance(judge, str) else judge
     held = split_labelled(refusal_labels()).heldout
-    pred = JUDGES[judge]([r.response for r in held])
-    return error_rates(judge, pred, [r.is_refusal for r in held],
+    pred = chosen([r.response for r in held], [r.objective for r in held]).refusal
+    return error_rates(chosen.name, pred, [r.is_refusal for r in held],
                        f"the held-out half of pyrit's labelled replies (n={len(held)})")
 
 

@@ -196,3 +196,80 @@ def labelled_sha256(rows: Sequence[LabelledResponse]) -> str:
     payload = json.dumps([[r.objective, r.response, r.is_refusal] for r in rows],
                          ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the project's own
+
+PROJECT_FILE = Path(__file__).parent / "data" / "labelled_replies.jsonl"
+PROJECT_CLASSES: tuple[str, ...] = ("refusal", "compliance", "off_topic", "degenerate")
+PROJECT_CONDITIONS: tuple[str, ...] = ("baseline", "steered", "abliterated")
+PROJECT_PROMPT_SETS: tuple[str, ...] = ("harmful", "harmless", "overrefusal")
+PROJECT_SPLITS: tuple[str, ...] = ("dev", "heldout")
+_PROJECT_FIELDS = ("prompt", "reply", "condition", "alpha", "prompt_set", "split", "label")
+
+
+@dataclass(frozen=True)
+class ProjectReply:
+    """A reply of the suite's embedded model, labelled with one of :data:`PROJECT_CLASSES`
+    (``prompts/data/labelled_replies.md``)."""
+
+    prompt: str
+    reply: str
+    condition: str
+    alpha: float
+    prompt_set: str
+    split: str
+    label: str
+    layers: str = ""
+
+
+def _project_row(path: Path, n: int, raw: object) -> ProjectReply:
+    where = f"{path.name} line {n}"
+    hint = "regenerate with python -m fixtures.build_labelled_replies and label every row"
+    if not isinstance(raw, dict) or any(k not in raw for k in _PROJECT_FIELDS):
+        raise PromptSetError(f"{where}: needs the fields {', '.join(_PROJECT_FIELDS)}", hint)
+    checks = (("condition", PROJECT_CONDITIONS), ("prompt_set", PROJECT_PROMPT_SETS),
+              ("split", PROJECT_SPLITS), ("label", PROJECT_CLASSES))
+    for key, allowed in checks:
+        if raw[key] not in allowed:
+            raise PromptSetError(f"{where}: {key} {raw[key]!r} is not one of "
+                                 f"{', '.join(allowed)}", hint)
+    if not isinstance(raw["prompt"], str) or not isinstance(raw["reply"], str):
+        raise PromptSetError(f"{where}: prompt and reply must be strings", hint)
+    return ProjectReply(raw["prompt"], raw["reply"], raw["condition"], float(raw["alpha"]),
+                        raw["prompt_set"], raw["split"], raw["label"],
+                        str(raw.get("layers", "")))
+
+
+def project_replies(path: Path | None = None) -> list[ProjectReply]:
+    """Every labelled reply of the project's file; a missing field, an unknown class,
+    condition, prompt set or split, or a prompt in both halves is an error."""
+    p = PROJECT_FILE if path is None else Path(path)
+    if not p.is_file():
+        raise PromptSetError(f"{p} is missing",
+                             "restore it from the repository (python -m "
+                             "fixtures.build_labelled_replies regenerates the replies)")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PromptSetError(f"{p.name} line {n} is not JSON ({exc})",
+                                     "restore the file from the repository") from None
+            rows.append(_project_row(p, n, raw))
+    halves: dict[str, set[str]] = {}
+    for r in rows:
+        halves.setdefault(r.prompt, set()).add(r.split)
+    both = [q for q, s in halves.items() if len(s) > 1]
+    if both:
+        raise PromptSetError(f"{p.name}: {len(both)} prompt(s) in both halves, e.g. "
+                             f"{both[0][:60]!r}", "the split is by prompt; regenerate the file")
+    return rows
+
+
+def project_half(rows: Sequence[ProjectReply], split: str) -> list[ProjectReply]:
+    """The rows of one half (``dev`` or ``heldout``)."""
+    if split not in PROJECT_SPLITS:
+        raise PromptSetError(f"unknown half {split!r}", f"choose {' or '.join(PROJECT_SPLITS)}")
+    return [r for r in rows if r.split == split]

@@ -124,9 +124,10 @@ def _provenance_lines(doc: dict[str, Any], tests: list[dict[str, Any]]) -> list[
         dtype = str(info.get("dtype", options.get("dtype", "?"))).removeprefix("torch.")
         profile = info.get("profile", options.get("profile", "?"))
         fingerprint = model["fingerprint"][:FINGERPRINT_CHARS]
+        judge = f", judge {info['judge']}" if info.get("judge") else ""
         lines.append(
             f"- model `{model['name']}` (fingerprint `{fingerprint}`), dtype {dtype}, "
-            f"profile {profile}, run of {date}"
+            f"profile {profile}{judge}, run of {date}"
         )
     if not lines:
         lines.append(f"- no model recorded; run of {date}")

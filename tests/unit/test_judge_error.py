@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from probes.judge_error import (
-    JUDGES,
     corrected_paired_difference,
     corrected_rate,
     corrected_share,
@@ -18,6 +17,7 @@ from probes.judge_error import (
     judge_error,
     rogan_gladen_point,
 )
+from probes.reply_judges import JUDGES, JudgeSpecError
 
 
 def synthetic_validation(rng: np.random.Generator, sens: float, spec: float, n_pos: int,
@@ -109,8 +109,14 @@ def test_judge_error_is_the_one_source_for_the_keyword_judge() -> None:
     assert err.sensitivity.lo <= err.sensitivity.value <= err.sensitivity.hi
     assert "held-out half" in err.source and "sensitivity" in err.text()
     assert "keyword" in JUDGES
-    with pytest.raises(ValueError, match="unknown judge"):
+    assert judge_error(JUDGES["keyword"]) == err  # a resolved judge, as --judge gives it
+    with pytest.raises(JudgeSpecError, match="not a registered judge"):
         judge_error("no-such-judge")
+
+
+def test_corrected_rates_use_the_judge_of_the_run() -> None:
+    """Every corrected rate reads the error of the judge the experiments label with."""
+    assert judge_error().judge == "four_class"
 
 
 @pytest.mark.parametrize("refusal", [True, False])
