@@ -60,7 +60,7 @@ from probes.stats import (
     spearman,
     wilson_interval,
 )
-from probes.wording import WordingRow
+from probes.wording import WordingRow, WordingStatus
 
 NO_PAIRS = ("this run has no minimal pairs (--harmful without --pairs), so the wording "
             "control cannot be measured; pass --pairs FILE.jsonl with twins of its prompts")
@@ -240,9 +240,8 @@ def _wording_curves(rows: list[WordingRow | None]
     """The unmatched and matched d per layer, with their intervals, for the profile plot."""
     nan = math.nan
     curves = {}
-    for label, pick in (("unmatched d (harmless set)", lambda w: w.d_unmatched),
-                        ("matched d (twins)", lambda w: w.d_matched)):
-        est = [pick(w) if w is not None else None for w in rows]
+    for label, matched in (("unmatched d (harmless set)", False), ("matched d (twins)", True)):
+        est = [None if w is None else w.d_matched if matched else w.d_unmatched for w in rows]
         curves[label] = ([e.value if e is not None else nan for e in est],
                          ([e.lo if e is not None else nan for e in est],
                           [e.hi if e is not None else nan for e in est]))
@@ -258,6 +257,7 @@ def test_separation_survives_matching(bench: Workbench, measure: Any) -> None:
     rows = _wording(bench)
     if rows is None:
         measure.skip("LAYER-SURVIVES-MATCHING", NO_PAIRS)
+        return
     live = [w for w in rows if w is not None]
     if not live:
         measure.skip("LAYER-SURVIVES-MATCHING", "no analysed layer has a direction")
@@ -271,10 +271,11 @@ def test_separation_survives_matching(bench: Workbench, measure: Any) -> None:
     assert plain is not None
     statuses = [w.status for w in live]
     driven = wording_driven_layers(rows)
-    measure.metric("n_layers_survives_matching", statuses.count("survives_matching"),
+    measure.metric("n_layers_survives_matching", statuses.count(WordingStatus.SURVIVES_MATCHING),
                    n=len(live))
     measure.metric("n_layers_wording_driven", len(driven), n=len(live))
-    measure.metric("n_layers_no_separation", statuses.count("no_separation"), n=len(live))
+    measure.metric("n_layers_no_separation", statuses.count(WordingStatus.NO_SEPARATION),
+                   n=len(live))
     measure.metric("best_matched_layer", best.layer)
     measure.metric("best_matched_wording_share", plain.share.value,
                    ci=(plain.share.lo, plain.share.hi), n=plain.share.n)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fixtures.contrast import ContrastKind
 from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.directions import Method
@@ -67,7 +68,7 @@ from probes.transfer import (
 )
 from prompts import PromptSet
 
-UNMATCHED = "unmatched"  # the contrast of every transfer (module docstring)
+UNMATCHED: ContrastKind = "unmatched"  # the contrast of every transfer (module docstring)
 SEED002_DEPTH = 16 / 25  # "probe @ layer 16" on Gemma-2-2B (26 layers)
 METHODS: tuple[Method, ...] = ("probe", "mean_diff")
 SEED_TOPIC = "trait-vector log (probe @ layer 16, Gemma-2-2B-IT): same-topic 100.0 %, cross 91.4 %"
