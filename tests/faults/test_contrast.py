@@ -131,3 +131,39 @@ def test_own_harmful_set_with_pairs_is_matched(project: pytest.Pytester) -> None
     assert info["pairs"]["source"] == str(pairs)
     metrics = {m["name"]: m["value"] for t in doc["tests"] for m in t["metrics"]}
     assert metrics["twins_align"] == 1.0 and metrics["n_train_pairs"] == 4
+
+
+def test_a_cached_result_of_one_contrast_is_not_read_by_another(tmp_path: Path) -> None:
+    """cached_json keys carry the contrast (and the pair set's hash): a matched run never
+    reads an unmatched run's entry, while results that opt out (abliteration, judges) are
+    shared."""
+    from types import SimpleNamespace
+
+    from fixtures.contrast import Contrast
+    from fixtures.options import PROFILES, parse_alphas, parse_layers
+    from fixtures.workbench import BenchConfig, Progress, Workbench
+    from probes.cache import ActivationCache
+
+    lm = SimpleNamespace(fingerprint="f" * 64, dtype="float32", chat=SimpleNamespace(mode="plain"))
+    calls: list[str] = []
+
+    def bench(kind: str) -> Workbench:
+        cfg = BenchConfig(
+            models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
+            ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=4,
+            n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(tmp_path),
+            use_cache=True, profile="quick", chat_template="auto", batch_size=4,
+            defaults=PROFILES["quick"], contrast=Contrast(kind))  # type: ignore[arg-type]
+        return Workbench(lm, cfg, ActivationCache(tmp_path / "acts"),  # type: ignore[arg-type]
+                         Progress())
+
+    def compute(kind: str) -> Any:
+        return lambda: calls.append(kind) or {"kind": kind}
+
+    for kind in ("unmatched", "matched", "edgy", "matched"):
+        got = bench(kind).cached_json("results", "x", {"k": 1}, compute(kind))
+        assert got == {"kind": kind}
+    assert calls == ["unmatched", "matched", "edgy"]  # the second matched run read its own
+    shared = [bench(kind).cached_json("results", "y", {"k": 1}, compute(kind),
+                                      by_contrast=False) for kind in ("unmatched", "matched")]
+    assert shared == [{"kind": "unmatched"}] * 2
