@@ -153,22 +153,24 @@ def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) ->
     measure.metric("p_holm", row.p_holm, n=n)
     measure.metric("auc_heldout", auc_est.value, ci=(auc_est.lo, auc_est.hi), n=n)
     measure.metric("direction_norm", row.norm)
-    _layer_wording(bench, measure, i)
+    wording = _layer_wording(bench, measure, i)
     measure.check("LAYER-VALID", row.cohens_d, ci=(lo, hi), n=n, hard=False,
-                  detail=f"held-out d {row.cohens_d:.3g} (in-sample {row.cohens_d_in_sample:.3g})"
-                  f", Holm over {len(a.layers)} layers p = {row.p_holm:.3g}")
+                  detail=f"held-out d {row.cohens_d:.3g} ({bench.contrast} contrast; in-sample "
+                  f"{row.cohens_d_in_sample:.3g}), Holm over {len(a.layers)} layers p = "
+                  f"{row.p_holm:.3g}{wording}")
     measure.check("LAYER-SIGNIFICANT", row.p_holm, n=n, hard=False,
                   detail=f"Welch t = {row.t:.3g}, unadjusted p = {row.p:.3g}, Holm over "
                   f"{len(a.layers)} layers")
     measure.assert_all()
 
 
-def _layer_wording(bench: Workbench, measure: Any, i: int) -> None:
-    """The wording control of analysed layer ``i``, beside its significance."""
+def _layer_wording(bench: Workbench, measure: Any, i: int) -> str:
+    """Record the wording control of analysed layer ``i`` beside its significance; return
+    it as a clause for the check's detail ("" without one)."""
     rows = _wording(bench)
     w = rows[i] if rows is not None else None
     if w is None:
-        return
+        return ""
     _record_wording_sets(bench, measure)
     measure.metric("cohens_d_unmatched", w.d_unmatched.value,
                    ci=(w.d_unmatched.lo, w.d_unmatched.hi), n=w.d_unmatched.n)
@@ -176,6 +178,9 @@ def _layer_wording(bench: Workbench, measure: Any, i: int) -> None:
                    n=w.d_matched.n)
     measure.metric("wording_share", w.share.value, ci=(w.share.lo, w.share.hi), n=w.share.n)
     measure.metric("wording_driven", float(w.wording_driven))
+    return (f"; wording control: {w.status} (d unmatched {w.d_unmatched.value:.3g}, matched "
+            f"{w.d_matched.value:.3g} [{w.d_matched.lo:.3g}, {w.d_matched.hi:.3g}], share "
+            f"{w.share.value:.2f})")
 
 
 # --------------------------------------------------------------------------- profile
