@@ -85,8 +85,10 @@ EXPORT_CHECK_PROMPTS = 4
 
 def _cached_json(bench: Workbench, kind: str, key: dict[str, Any],
                  compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Selection sweeps and damage figures, memoised under ``<cache>/abliteration/``."""
-    return bench.cached_json("abliteration", kind, key, compute)
+    """Selection sweeps and damage figures, memoised under ``<cache>/abliteration/``.
+    Abliteration draws its own prompts from the harmful and harmless splits and fits its
+    own directions, so the run's contrast is not in the key."""
+    return bench.cached_json("abliteration", kind, key, compute, by_contrast=False)
 
 
 # --------------------------------------------------------------------------- selection

@@ -121,7 +121,7 @@ def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_n
     return {"v": TRAJECTORY_CACHE_VERSION, "fp": bench.lm.fingerprint,
             "prompts": prompts.sha256, "n": n_new, "site": SITE, "layers": layers,
             "directions": bench.refusal_directions.key(), "dtype": str(bench.lm.dtype),
-            "chat": bench.lm.chat.mode}
+            "chat": bench.lm.chat.mode, **bench.contrast_key()}
 
 
 def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: list[int]) -> Part:

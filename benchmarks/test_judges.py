@@ -76,7 +76,8 @@ def _pmi(bench: Workbench, rows: list[Any]) -> np.ndarray:
     key = {"neutral": J.NEUTRAL_INSTRUCTION,
            "rows": hashlib.sha256(json.dumps([[r.objective, r.response] for r in rows])
                                   .encode()).hexdigest()}
-    values = bench.cached_json("judges", "pmi", key, compute)["pmi"]
+    # labelled replies only: the run's contrast plays no part
+    values = bench.cached_json("judges", "pmi", key, compute, by_contrast=False)["pmi"]
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 

@@ -1,10 +1,17 @@
 """Per-layer validation of refusal directions, on held-out prompts, at three sites.
 
-The direction r_l = mu_H - mu_B is fitted on the train split (AdvBench vs the project's
-English harmless set) and tested on held-out prompts: Welch t, Holm-adjusted p over the
-layers analysed, Cohen's d (bootstrap interval over the held-out prompts, direction fixed)
-and AUC. The in-sample d (fit and test on the same prompts, the seed's protocol) is
-reported beside it only for comparison with the seed.
+The direction r_l = mu_H - mu_B is fitted on the train split of the run's contrast
+(``--contrast``; by default AdvBench requests against their own harmless twins, worded
+the same way) and tested on held-out prompts of that contrast: Welch t, Holm-adjusted p
+over the layers analysed, Cohen's d (bootstrap interval over the held-out prompts,
+direction fixed) and AUC. The in-sample d (fit and test on the same prompts, the seed's
+protocol) is reported beside it only for comparison with the seed.
+
+Wording control: the same direction is scored on held-out unmatched prompts (AdvBench
+against the project's harmless set) and on held-out minimal pairs; the share of the
+unmatched separation that matching removes, and a status per layer
+(:func:`probes.wording.wording_control`), stand beside every layer's result.
+LAYER-SURVIVES-MATCHING asks that at least one layer keep a matched separation.
 
 Validity is the validation report's criterion split in two hypotheses, so a layer is valid when both
 hold: LAYER-VALID (held-out d > 0.5, judged on the bootstrap lower bound) and
@@ -32,12 +39,17 @@ from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.capture import Site
 from probes.layer_analysis import (
+    LAYER_COLUMNS,
     SITES,
+    WORDING_COLUMNS,
     SiteAnalysis,
     constant_detail,
     layer_table,
     probe_correct,
     site_analysis,
+    site_wording,
+    wording_cells,
+    wording_driven_layers,
 )
 from probes.method_comparison import Refits, accuracy_bootstrap, refit
 from probes.stats import (
@@ -47,6 +59,11 @@ from probes.stats import (
     spearman,
     wilson_interval,
 )
+from probes.wording import WordingRow, WordingStatus
+
+NO_PAIRS = ("this run has no minimal pairs (--harmful without --pairs), so the wording "
+            "control cannot be measured; pass --pairs FILE.jsonl with twins of its prompts")
+SURVIVAL_ALPHA = 0.05  # family-wise, Bonferroni over the analysed layers
 
 # The validation report's depth bands (28 layers): early 0-10, middle 11-17, late 18-27.
 SEED_BANDS = (("early", 0.0, 11 / 28, "2.8-4.5"), ("middle", 11 / 28, 18 / 28, "4.3-8.8"),
@@ -71,6 +88,29 @@ def _analysis(bench: Workbench, site: Site = "resid_pre") -> SiteAnalysis:
     trp, trn, tep, ten = _site_acts(bench, site)
     return site_analysis(site, list(bench.layers), bench.lm.n_layers, trp, trn, tep, ten,
                          n_boot=bench.cfg.n_boot, seed=_seed(bench, SITES.index(site)))
+
+
+def _wording_acts(bench: Workbench) -> tuple[FloatArray, ...]:
+    """Held-out resid_pre activations: (harmful, harmless set) and (harmful, twins)."""
+    sets = (*bench.eval_pair("unmatched"), *bench.eval_pair("matched"))
+    return tuple(bench.acts(p, layers=bench.layers).numpy() for p in sets)
+
+
+@cache
+def _wording(bench: Workbench, conf: float = 0.95) -> list[WordingRow | None] | None:
+    """The wording control of the resid_pre directions per analysed layer (None for a
+    layer without a direction), or None when the run has no minimal pairs. Every ``conf``
+    draws the same bootstrap replicates."""
+    if bench.pairs_all is None:
+        return None
+    pu, nu, pm, nm = _wording_acts(bench)
+    return site_wording(_analysis(bench), (pu, nu), (pm, nm), n_boot=bench.cfg.n_boot,
+                        seed=_seed(bench, 7), conf=conf)
+
+
+def _record_wording_sets(bench: Workbench, measure: Any) -> None:
+    if bench.pairs_all is not None:
+        bench.record_prompts(measure, *bench.eval_pair("unmatched"), *bench.eval_pair("matched"))
 
 
 @cache
@@ -121,13 +161,34 @@ def test_layer_direction_is_valid(bench: Workbench, layer: int, measure: Any) ->
     measure.metric("p_holm", row.p_holm, n=n)
     measure.metric("auc_heldout", auc_est.value, ci=(auc_est.lo, auc_est.hi), n=n)
     measure.metric("direction_norm", row.norm)
+    wording = _layer_wording(bench, measure, i)
     measure.check("LAYER-VALID", row.cohens_d, ci=(lo, hi), n=n, hard=False,
-                  detail=f"held-out d {row.cohens_d:.3g} (in-sample {row.cohens_d_in_sample:.3g})"
-                  f", Holm over {len(a.layers)} layers p = {row.p_holm:.3g}")
+                  detail=f"held-out d {row.cohens_d:.3g} ({bench.contrast} contrast; in-sample "
+                  f"{row.cohens_d_in_sample:.3g}), Holm over {len(a.layers)} layers p = "
+                  f"{row.p_holm:.3g}{wording}")
     measure.check("LAYER-SIGNIFICANT", row.p_holm, n=n, hard=False,
                   detail=f"Welch t = {row.t:.3g}, unadjusted p = {row.p:.3g}, Holm over "
                   f"{len(a.layers)} layers")
     measure.assert_all()
+
+
+def _layer_wording(bench: Workbench, measure: Any, i: int) -> str:
+    """Record the wording control of analysed layer ``i`` beside its significance; return
+    it as a clause for the check's detail ("" without one)."""
+    rows = _wording(bench)
+    w = rows[i] if rows is not None else None
+    if w is None:
+        return ""
+    _record_wording_sets(bench, measure)
+    measure.metric("cohens_d_unmatched", w.d_unmatched.value,
+                   ci=(w.d_unmatched.lo, w.d_unmatched.hi), n=w.d_unmatched.n)
+    measure.metric("cohens_d_matched", w.d_matched.value, ci=(w.d_matched.lo, w.d_matched.hi),
+                   n=w.d_matched.n)
+    measure.metric("wording_share", w.share.value, ci=(w.share.lo, w.share.hi), n=w.share.n)
+    measure.metric("wording_driven", float(w.wording_driven))
+    return (f"; wording control: {w.status} (d unmatched {w.d_unmatched.value:.3g}, matched "
+            f"{w.d_matched.value:.3g} [{w.d_matched.lo:.3g}, {w.d_matched.hi:.3g}], share "
+            f"{w.share.value:.2f})")
 
 
 # --------------------------------------------------------------------------- profile
@@ -155,25 +216,100 @@ def test_peak_layer_is_late(bench: Workbench, measure: Any) -> None:
     measure.metric("n_valid_layers", n_valid, n=k)
     measure.metric("valid_layer_fraction", n_valid / k, ci=wilson_interval(n_valid, k), n=k)
     measure.metric("n_layers_without_direction", int(a.constant.sum()), n=k)
+    wording = _wording(bench)
+    _record_wording_sets(bench, measure)
     measure.table(
-        "per-layer significance (resid_pre, last token; held-out unless marked)",
-        ["layer", "||r_l||", "Welch t", "p", "p Holm", "d", "d lo", "d hi", "d in-sample",
-         "AUC", "validity (p Holm < 0.01, |d| > 0.5)"],
-        layer_table(a),
+        f"per-layer significance (resid_pre, last token; {bench.contrast} contrast; held-out "
+        "unless marked; wording control: the same direction on unmatched and matched "
+        "held-out prompts)",
+        LAYER_COLUMNS + (WORDING_COLUMNS if wording is not None else []),
+        layer_table(a, wording),
     )
     d_lo = [a.d_ci(i)[0] for i in range(k)]
     d_hi = [a.d_ci(i)[1] for i in range(k)]
+    series = {f"held-out d ({bench.contrast} contrast)": d.tolist(),
+              "in-sample d (seed protocol)": [r.cohens_d_in_sample for r in a.rows]}
+    bands = {f"held-out d ({bench.contrast} contrast)": (d_lo, d_hi)}
+    marks: list[Any] = []
+    if wording is not None:
+        for label, (ys, band) in _wording_curves(wording).items():
+            series[label], bands[label] = ys, band
+        driven = wording_driven_layers(wording)
+        if driven:
+            marks = [("unmatched d (harmless set)", driven, "wording-driven layer")]
     measure.plot(
-        "Cohen's d per layer (resid_pre)", "line", x=a.layers,
-        series={"held-out d": d.tolist(),
-                "in-sample d (seed protocol)": [r.cohens_d_in_sample for r in a.rows]},
-        bands={"held-out d": (d_lo, d_hi)},
-        shade=[(depth / 2, depth, "second half of depth")], hlines=[(0.5, "|d| = 0.5")],
-        xlabel="layer", ylabel="Cohen's d", title=f"peak at layer {peak}; seed: {SEED_PEAK}",
+        "Cohen's d per layer (resid_pre)", "line", x=a.layers, series=series, bands=bands,
+        marks=marks, shade=[(depth / 2, depth, "second half of depth")],
+        hlines=[(0.5, "|d| = 0.5")], xlabel="layer", ylabel="Cohen's d",
+        title=f"peak at layer {peak}; seed: {SEED_PEAK}",
     )
     measure.check("LAYER-PEAK-LATE", peak / depth, ci=(lo, hi), n=a.n_test,
                   detail=f"peak at layer {peak} of {a.n_layers} (d = {np.nanmax(d):.3g}); "
                   f"bootstrap peak fraction [{lo:.2f}, {hi:.2f}]; seed: {SEED_PEAK}")
+
+
+def _wording_curves(rows: list[WordingRow | None]
+                    ) -> dict[str, tuple[list[float], tuple[list[float], list[float]]]]:
+    """The unmatched and matched d per layer, with their intervals, for the profile plot."""
+    nan = math.nan
+    curves = {}
+    for label, matched in (("unmatched d (harmless set)", False), ("matched d (twins)", True)):
+        est = [None if w is None else w.d_matched if matched else w.d_unmatched for w in rows]
+        curves[label] = ([e.value if e is not None else nan for e in est],
+                         ([e.lo if e is not None else nan for e in est],
+                          [e.hi if e is not None else nan for e in est]))
+    return curves
+
+
+@pytest.mark.claim("LAYER-SURVIVES-MATCHING")
+def test_separation_survives_matching(bench: Workbench, measure: Any) -> None:
+    """Does any layer's direction still separate harmful requests from their own twins?
+    Judged on the best layer's matched-d lower bound, Bonferroni-adjusted over layers."""
+    a = _analysis(bench)
+    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair())
+    rows = _wording(bench)
+    if rows is None:
+        measure.skip("LAYER-SURVIVES-MATCHING", NO_PAIRS)
+        return
+    live = [w for w in rows if w is not None]
+    if not live:
+        measure.skip("LAYER-SURVIVES-MATCHING", "no analysed layer has a direction")
+    _record_wording_sets(bench, measure)
+    conf = 1.0 - SURVIVAL_ALPHA / len(live)
+    adjusted = _wording(bench, conf)
+    assert adjusted is not None
+    best = max((w for w in adjusted if w is not None),
+               key=lambda w: (-math.inf if math.isnan(w.d_matched.lo) else w.d_matched.lo))
+    plain = rows[a.layers.index(best.layer)]
+    assert plain is not None
+    statuses = [w.status for w in live]
+    driven = wording_driven_layers(rows)
+    measure.metric("n_layers_survives_matching", statuses.count(WordingStatus.SURVIVES_MATCHING),
+                   n=len(live))
+    measure.metric("n_layers_wording_driven", len(driven), n=len(live))
+    measure.metric("n_layers_no_separation", statuses.count(WordingStatus.NO_SEPARATION),
+                   n=len(live))
+    measure.metric("best_matched_layer", best.layer)
+    measure.metric("best_matched_wording_share", plain.share.value,
+                   ci=(plain.share.lo, plain.share.hi), n=plain.share.n)
+    measure.metric("best_matched_cohens_d_unmatched", plain.d_unmatched.value,
+                   ci=(plain.d_unmatched.lo, plain.d_unmatched.hi), n=plain.d_unmatched.n)
+    shares = [w.share.value for w in live]
+    measure.metric("median_wording_share", float(np.nanmedian(shares))
+                   if not np.all(np.isnan(shares)) else math.nan, n=len(live))
+    measure.table("wording control per layer (resid_pre; the same direction on unmatched "
+                  "and matched held-out prompts)", ["layer", *WORDING_COLUMNS],
+                  [[layer, *wording_cells(w)] for layer, w in zip(a.layers, rows, strict=True)])
+    measure.metric("best_cohens_d_matched", best.d_matched.value,
+                   ci=(best.d_matched.lo, best.d_matched.hi), n=best.d_matched.n)
+    measure.check("LAYER-SURVIVES-MATCHING", best.d_matched.value,
+                  ci=(best.d_matched.lo, best.d_matched.hi), n=best.d_matched.n,
+                  detail=f"best layer {best.layer}: matched d {best.d_matched.value:.3g} "
+                  f"({conf:.4g} interval [{best.d_matched.lo:.3g}, {best.d_matched.hi:.3g}], "
+                  f"Bonferroni over {len(live)} layers), unmatched d "
+                  f"{plain.d_unmatched.value:.3g}, wording share {plain.share.value:.2f} "
+                  f"[{plain.share.lo:.2f}, {plain.share.hi:.2f}]; wording-driven layers: "
+                  f"{driven or 'none'}")
 
 
 @pytest.mark.claim("LAYER-GROWTH")

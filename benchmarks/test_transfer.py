@@ -28,6 +28,10 @@ layer 16" of Gemma-2-2B's 26 layers, i.e. round(16/25 * (L - 1)); never chosen o
   classifies HarmBench prompts (no harmless counterpart) against the held-out harmless
   prompts; compared with held-out AdvBench against the same harmless prompts.
 
+Every transfer here runs on the unmatched contrast (the harmless set), whatever
+``--contrast`` says: topics, languages and a harmful-side change need the harmless set's
+labels, which minimal pairs do not have.
+
 Intervals: bootstrap over held-out prompts (within class, and within the varying groups);
 the fitted directions are held fixed.
 """
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fixtures.contrast import ContrastKind
 from fixtures.workbench import Workbench
 from probes import directions as D
 from probes.directions import Method
@@ -64,6 +69,7 @@ from probes.transfer import (
 )
 from prompts import PromptSet
 
+UNMATCHED: ContrastKind = "unmatched"  # the contrast of every transfer (module docstring)
 SEED002_DEPTH = 16 / 25  # "probe @ layer 16" on Gemma-2-2B (26 layers)
 METHODS: tuple[Method, ...] = ("probe", "mean_diff")
 SEED_TOPIC = "trait-vector log (probe @ layer 16, Gemma-2-2B-IT): same-topic 100.0 %, cross 91.4 %"
@@ -85,7 +91,7 @@ def transfer_layer(bench: Workbench) -> int:
 
 @cache
 def _constant(bench: Workbench) -> dict[int, bool]:
-    sets = (*bench.train_pair(), *bench.eval_pair())
+    sets = (*bench.train_pair(UNMATCHED), *bench.eval_pair(UNMATCHED))
     acts = [bench.acts(p, layers=bench.layers).numpy() for p in sets]
     return dict(zip(bench.layers, D.constant_layers(*acts).tolist(), strict=True))
 
@@ -98,7 +104,7 @@ def _layer_acts(bench: Workbench, ps: PromptSet, layer: int) -> FloatArray:
 @cache
 def _topic(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
-    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(UNMATCHED), bench.eval_pair(UNMATCHED)
     assert bench.harmless_label is not None  # checked by the test (_needs)
     names, vary_train, vary_test, grp = split_by_label(
         s_tr, s_te, bench.harmless_label, _layer_acts(bench, s_tr, layer),
@@ -112,7 +118,7 @@ def _topic(bench: Workbench, method: Method) -> CrossMatrix:
 @cache
 def _category(bench: Workbench, method: Method) -> CrossMatrix:
     layer = transfer_layer(bench)
-    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(UNMATCHED), bench.eval_pair(UNMATCHED)
     assert bench.harmful_label is not None  # checked by the test (_needs)
     names, vary_train, vary_test, grp = split_by_label(
         h_tr, h_te, bench.harmful_label, _layer_acts(bench, h_tr, layer),
@@ -134,7 +140,7 @@ def _language(bench: Workbench, method: Method) -> CrossMatrix:
     vary_train = [x[in_train & (lang == lg)] for lg in LANGUAGES]
     test_idx = np.flatnonzero(~in_train)
     grp = np.array([LANGUAGES.index(lg) for lg in lang[test_idx]], dtype=np.int64)
-    (h_tr, _), (h_te, _) = bench.train_pair(), bench.eval_pair()
+    (h_tr, _), (h_te, _) = bench.train_pair(UNMATCHED), bench.eval_pair(UNMATCHED)
     return cross_matrix("harmless language", method, layer, list(LANGUAGES), vary_train,
                         x[test_idx], grp, _layer_acts(bench, h_tr, layer),
                         _layer_acts(bench, h_te, layer), vary_is_pos=False,
@@ -167,7 +173,7 @@ def _needs(bench: Workbench, measure: Any, hyp: str, what: str) -> None:
     }
     missing, reason = reasons[what]
     if missing:
-        bench.record_model(measure, *bench.train_pair())
+        bench.record_model(measure, *bench.train_pair(UNMATCHED))
         measure.skip(hyp, reason)
 
 
@@ -176,7 +182,7 @@ def _needs(bench: Workbench, measure: Any, hyp: str, what: str) -> None:
 
 def _cross_check(bench: Workbench, measure: Any, hyp: str, label: str, metric: str,
                  build: Any, seed_note: str, *extra: PromptSet) -> None:
-    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair(), *extra)
+    bench.record_model(measure, *bench.train_pair(UNMATCHED), *bench.eval_pair(UNMATCHED), *extra)
     mats = {method: build(bench, method) for method in METHODS}
     probe = mats["probe"]
     if len(probe.groups) < 2:
@@ -269,7 +275,7 @@ def test_cross_language_harmless(bench: Workbench, measure: Any) -> None:
 def _harmbench(bench: Workbench) -> dict[str, Any]:
     """Per analysed layer and method: held-out AdvBench vs HarmBench against the same harmless."""
     hb = _harmbench_set(bench)
-    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(), bench.eval_pair()
+    (h_tr, s_tr), (h_te, s_te) = bench.train_pair(UNMATCHED), bench.eval_pair(UNMATCHED)
     layers = [lay for lay in bench.layers if not _constant(bench)[lay]]
     trp, trn, tep, ten, tehb = (bench.acts(p, layers=layers).numpy()
                                 for p in (h_tr, s_tr, h_te, s_te, hb))
@@ -309,7 +315,7 @@ def test_advbench_to_harmbench(bench: Workbench, measure: Any) -> None:
     """Fit on AdvBench (train split), test HarmBench vs held-out harmless prompts."""
     _needs(bench, measure, "PROBE-TRANSFER-HARMBENCH", "harmbench")
     hb = _harmbench_set(bench)
-    bench.record_model(measure, *bench.train_pair(), *bench.eval_pair(), hb)
+    bench.record_model(measure, *bench.train_pair(UNMATCHED), *bench.eval_pair(UNMATCHED), hb)
     r = _harmbench(bench)
     layers = r["layers"]
     layer = transfer_layer(bench)

@@ -2,8 +2,10 @@
 
 :func:`site_analysis` fits r_l on training activations of every analysed layer, tests it on
 held-out ones (Welch t, Holm over layers, Cohen's d with a bootstrap interval) and keeps
-the projections; :func:`probe_correct` scores a per-layer probe on the same prompts.
-Layers where every prompt has the same activation have no direction and stay as rows.
+the projections; :func:`probe_correct` scores a per-layer probe on the same prompts;
+:func:`site_wording` scores the same directions on unmatched and on matched held-out
+prompts (:func:`probes.wording.wording_control`). Layers where every prompt has the same
+activation have no direction and stay as rows.
 
 Example:
     a = site_analysis("resid_pre", layers, n_layers, trp, trn, tep, ten, n_boot=1000, seed=0)
@@ -22,6 +24,7 @@ from probes import directions as D
 from probes.capture import Site
 from probes.directions import LayerSignificance
 from probes.stats import FloatArray, percentile_interval
+from probes.wording import WordingRow, WordingStatus, wording_control
 
 SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out")
 
@@ -39,6 +42,7 @@ class SiteAnalysis:
     pos_scores: FloatArray  # [n_pos_test, k] projections of held-out harmful prompts
     neg_scores: FloatArray  # [n_neg_test, k]
     n_test: int
+    units: FloatArray  # [k, d] unit directions (nan rows where constant)
 
     @property
     def d(self) -> FloatArray:
@@ -59,15 +63,63 @@ def constant_detail(a: SiteAnalysis, layer: int) -> str:
             "layer")
 
 
-def layer_table(a: SiteAnalysis) -> list[list[Any]]:
-    """One report row per analysed layer: norm, t, p, Holm p, d with interval, AUC."""
+LAYER_COLUMNS = ["layer", "||r_l||", "Welch t", "p", "p Holm", "d", "d lo", "d hi",
+                 "d in-sample", "AUC", "validity (p Holm < 0.01, |d| > 0.5)"]
+WORDING_COLUMNS = ["d unmatched", "d unmatched lo", "d matched", "d matched lo",
+                   "wording share", "share lo", "share hi", "wording control"]
+
+
+def layer_table(a: SiteAnalysis, wording: list[WordingRow | None] | None = None
+                ) -> list[list[Any]]:
+    """One report row per analysed layer: norm, t, p, Holm p, d with interval, AUC and,
+    given ``wording`` (:func:`site_wording`), the wording control beside them (columns
+    :data:`WORDING_COLUMNS`); a wording-driven layer's validity is marked as such."""
     out = []
     for i, (layer, r) in enumerate(zip(a.layers, a.rows, strict=True)):
         lo, hi = a.d_ci(i)
-        out.append([layer, r.norm, r.t, r.p, r.p_holm, r.cohens_d, lo, hi,
-                    r.cohens_d_in_sample, r.auc,
-                    "no direction" if a.constant[i] else ("valid" if r.valid else "not valid")])
+        validity = "no direction" if a.constant[i] else ("valid" if r.valid else "not valid")
+        row: list[Any] = [layer, r.norm, r.t, r.p, r.p_holm, r.cohens_d, lo, hi,
+                          r.cohens_d_in_sample, r.auc, validity]
+        if wording is not None:
+            w = wording[i]
+            if w is not None and w.wording_driven:
+                row[-1] = f"{validity}; WORDING-DRIVEN"
+            row += wording_cells(w)
+        out.append(row)
     return out
+
+
+def wording_cells(w: WordingRow | None) -> list[Any]:
+    """The :data:`WORDING_COLUMNS` of one layer (nan and "no direction" without one)."""
+    if w is None:
+        return [math.nan] * 7 + ["no direction"]
+    return [w.d_unmatched.value, w.d_unmatched.lo, w.d_matched.value, w.d_matched.lo,
+            w.share.value, w.share.lo, w.share.hi, str(w.status)]
+
+
+def site_wording(a: SiteAnalysis, unmatched: tuple[FloatArray, FloatArray],
+                 matched: tuple[FloatArray, FloatArray], *, n_boot: int, seed: int,
+                 conf: float = 0.95) -> list[WordingRow | None]:
+    """The wording control of ``a``'s directions at every analysed layer (None where the
+    layer has no direction): ``unmatched`` = held-out (harmful, harmless-set) activations
+    and ``matched`` = held-out (harmful, twin) activations [n, k, d], row i of both
+    matched arrays a pair."""
+    keep = np.flatnonzero(~a.constant)
+    out: list[WordingRow | None] = [None] * len(a.layers)
+    if not len(keep):
+        return out
+    u = a.units[keep]
+    scores = [D.project(x[:, keep], u) for x in (*unmatched, *matched)]
+    rows = wording_control(*scores, layers=[a.layers[i] for i in keep], n_boot=n_boot,
+                           seed=seed, conf=conf)
+    for i, row in zip(keep, rows, strict=True):
+        out[i] = row
+    return out
+
+
+def wording_driven_layers(rows: list[WordingRow | None]) -> list[int]:
+    """The layers whose separation vanishes on matched pairs."""
+    return [r.layer for r in rows if r is not None and r.status is WordingStatus.WORDING_DRIVEN]
 
 
 def pooled_mean(a: FloatArray, b: FloatArray) -> float:
@@ -88,7 +140,7 @@ def site_analysis(site: Site, layers: list[int], n_layers: int, trp: FloatArray,
     pos, neg = D.project(tep, u), D.project(ten, u)
     boot = D.bootstrap_d_profile(pos, neg, n_boot=n_boot, seed=seed)
     return SiteAnalysis(site, list(layers), n_layers, rows, constant, boot,
-                        pos, neg, len(tep) + len(ten))
+                        pos, neg, len(tep) + len(ten), u)
 
 
 def probe_correct(trp: FloatArray, trn: FloatArray, tep: FloatArray, ten: FloatArray,

@@ -218,6 +218,7 @@ def _run_view(doc: dict[str, Any], index: int) -> dict[str, Any]:
         "exit_status": doc["exit_status"],
         "summary": doc["summary"],
         "prov": prov,
+        "contrasts": contrast_lines(prov),
         "registry": doc["registry"],
         "collection_errors": doc["collection_errors"],
         "baseline": baseline,
@@ -226,6 +227,26 @@ def _run_view(doc: dict[str, Any], index: int) -> dict[str, Any]:
         if baseline
         else [],
     }
+
+
+def contrast_lines(prov: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each model's contrast (``--contrast``), pair set and notes, for the header: the
+    contrast decides what every direction-based verdict measured."""
+    out = []
+    for model in prov.get("models") or []:
+        info = model.get("info") or {}
+        if "contrast" not in info:
+            continue
+        pairs = info.get("pairs")
+        text = str(info["contrast"])
+        if isinstance(pairs, dict):
+            text += (f"; pairs {pairs.get('name')} ({pairs.get('n')} pairs, sha256 "
+                     f"{str(pairs.get('sha256'))[:16]}...)")
+        entry = {"model": model.get("name"), "text": text,
+                 "notes": [str(n) for n in info.get("contrast_notes") or []]}
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def _test_view(test: dict[str, Any], run: int | None) -> dict[str, Any]:

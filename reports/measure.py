@@ -152,7 +152,8 @@ class Measure:
         """Record the data of a plot; it is drawn when the HTML report is written.
 
         kinds: ``line`` (x, series={label: ys}, bands={label: (los, his)},
-        shade=[(x0, x1, label)], hlines=[(y, label)], xlabel, ylabel, title),
+        shade=[(x0, x1, label)], hlines=[(y, label)], marks=[(series label, xs, label)],
+        xlabel, ylabel, title),
         ``heatmap`` (matrix, xlabels, ylabels, title, vmin, vmax, clabel),
         ``bar`` (categories, series={label: values}, errors={label: (los, his)}),
         ``hist`` (values={label: xs} or xs, bins) and ``scatter`` (series={label: (xs, ys)}).

@@ -119,17 +119,20 @@ def _line(fig: Figure, data: dict[str, Any]) -> None:
     x = _numbers(data.get("x"), "x")
     series = _mapping(data.get("series"), "series")
     bands = _mapping(data.get("bands"), "bands", required=False)
+    drawn: dict[str, list[float]] = {}
     for label, ys in series.items():
         y = _numbers(ys, f"series {label!r}")
         if len(y) != len(x):
             raise PlotError(f"series {label!r} has {len(y)} values for {len(x)} x values")
         (line,) = ax.plot(x, y, marker="o", markersize=3, label=_label(label))
+        drawn[label] = y
         if label in bands:
             lo, hi = _pair(bands[label], f"band {label!r}", len(x))
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     unknown = set(bands) - set(series)
     if unknown:
         raise PlotError(f"bands for unknown series {sorted(unknown)}")
+    _marks(ax, data.get("marks"), x, drawn)
     for entry in data.get("shade") or []:
         if not isinstance(entry, list) or len(entry) not in (2, 3):
             raise PlotError("shade entries must be (x0, x1, label)")
@@ -153,6 +156,19 @@ def _line(fig: Figure, data: dict[str, Any]) -> None:
     _axes_labels(ax, data)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def _marks(ax: Axes, marks: Any, x: list[float], drawn: dict[str, list[float]]) -> None:
+    """Flag points of a line series (``marks=[(series, xs, label)]``) with a red cross,
+    e.g. the layers a control calls suspect."""
+    for entry in marks or []:
+        if not isinstance(entry, list) or len(entry) != 3 or entry[0] not in drawn:
+            raise PlotError("marks entries must be (series label, x values, label) of a "
+                            "drawn series")
+        xs = _numbers(entry[1], "marks x values")
+        ys = [drawn[entry[0]][x.index(v)] for v in xs if v in x]
+        ax.scatter([v for v in xs if v in x], ys, marker="x", s=60, color="red", zorder=5,
+                   label=_label(entry[2]))
 
 
 def _heatmap(fig: Figure, data: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.contrast import Contrast
 from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.prompt_sources import PromptSources, load_sources
 from fixtures.workbench import SPLIT_FRACTIONS, BenchConfig, Progress, Workbench
@@ -31,7 +32,11 @@ CATS = ("weapons", "fraud", "hacking", "drugs")
 
 
 def _config(sources: PromptSources | None = None, seed: int = 0) -> BenchConfig:
-    extra = {} if sources is None else {"prompt_sources": sources}
+    # the unmatched contrast: these tests are about the harmful and harmless sets
+    # themselves (the matched contrast's pairs: tests/unit/test_contrast.py)
+    extra: dict[str, object] = {"contrast": Contrast("unmatched")}
+    if sources is not None:
+        extra["prompt_sources"] = sources
     return BenchConfig(
         models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
         ratio_alphas=parse_alphas("0"), n_train=64, n_eval=64, n_gen=20, max_new_tokens=4,
@@ -66,8 +71,9 @@ def _write_harmless_jsonl(path: Path, n: int = 40, column: str = "prompt") -> Pa
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_default_sets_are_exactly_the_old_ones(tmp_path: Path, seed: int) -> None:
-    """No option: the same AdvBench/harmless splits and samples, hash for hash, as the
-    Workbench drew before the options existed (computed here the old way)."""
+    """No prompt option, unmatched contrast: the same AdvBench/harmless splits and samples,
+    hash for hash, as the Workbench drew before the options existed (computed here the
+    old way)."""
     bench = _bench(_config(seed=seed), tmp_path)
     adv, safe = advbench(), harmless()
     h_split = adv.split(seed, SPLIT_FRACTIONS, stratify="category")

@@ -28,7 +28,7 @@ HYPOTHESES = {
     "LAYER-VALID", "LAYER-SIGNIFICANT", "LAYER-PEAK-LATE", "LAYER-GROWTH",
     "SITE-ATTN-BEATS-MLP", "PROBE-NO-POLARITY-FAIL", "PROBE-BEATS-MEANDIFF",
     "RANDOM-NEAR-CHANCE", "METHOD-BEATS-RANDOM", "PROBE-CROSS-TOPIC", "PROBE-CROSS-LANG",
-    "PROBE-TRANSFER-HARMBENCH",
+    "PROBE-TRANSFER-HARMBENCH", "LAYER-SURVIVES-MATCHING",
 }
 N_LAYERS = 24  # the embedded Qwen2.5-Coder-0.5B-Instruct
 
@@ -61,6 +61,7 @@ def test_layer_benchmarks_report(
     _one_validity_test_per_layer_and_layer_zero_is_reported(report)
     _profile_sites_and_methods_are_reported(report)
     _transfer_matrices_are_reported(report)
+    _wording_control_is_reported(report)
 
 
 def _tests(report: dict[str, Any], module: str) -> list[dict[str, Any]]:
@@ -100,6 +101,7 @@ def _one_validity_test_per_layer_and_layer_zero_is_reported(report: dict[str, An
         d = _metrics(t)["cohens_d_heldout"]
         assert d["ci"] is not None and d["ci"][0] <= d["value"] <= d["ci"][1]
         assert {c["hypothesis"] for c in t["checks"]} == {"LAYER-VALID", "LAYER-SIGNIFICANT"}
+        assert {"cohens_d_unmatched", "cohens_d_matched", "wording_share"} <= names
 
 
 def _profile_sites_and_methods_are_reported(report: dict[str, Any]) -> None:
@@ -145,3 +147,24 @@ def _transfer_matrices_are_reported(report: dict[str, Any]) -> None:
     assert heat["data"]["xlabels"] == ["en", "es", "fr", "de", "zh"]
     assert "probe/en_column_drop" in _metrics(lang)
     assert any(p["kind"] == "heatmap" for p in tests["test_cross_topic_harmless"]["plots"])
+
+
+def _wording_control_is_reported(report: dict[str, Any]) -> None:
+    """The default run is measured on the matched contrast, says so, and sets the wording
+    control beside every layer: table columns, both curves on the profile plot, a claim."""
+    (model,) = report["provenance"]["models"]
+    assert model["info"]["contrast"] == "matched"
+    assert model["info"]["pairs"]["n"] == 175
+    layer_tests = {t["name"].split("[")[0]: t for t in _tests(report, "test_layer_significance.py")}
+    peak = layer_tests["test_peak_layer_is_late"]
+    table = peak["tables"][0]
+    assert "wording control" in table["columns"] and len(table["rows"]) == N_LAYERS
+    status = table["columns"].index("wording control")
+    assert {r[status] for r in table["rows"]} <= {
+        "no direction", "no_separation", "wording_driven", "survives_matching"}
+    series = set(peak["plots"][0]["data"]["series"])
+    assert {"unmatched d (harmless set)", "matched d (twins)"} <= series
+    survives = layer_tests["test_separation_survives_matching"]
+    best = _metrics(survives)["best_cohens_d_matched"]
+    assert best["ci"] is not None and best["ci"][0] <= best["value"] <= best["ci"][1]
+    assert len(survives["tables"][0]["rows"]) == N_LAYERS

@@ -53,11 +53,11 @@ def test_an_edit_without_a_bump_is_refused(copy: Path) -> None:
 
 
 def test_a_bumped_edit_is_stale_until_relocked(copy: Path) -> None:
-    _edit(copy, 'id = "LAYER-VALID"\nversion = 3', 'id = "LAYER-VALID"\nversion = 4')
+    _edit(copy, 'id = "LAYER-VALID"\nversion = 4', 'id = "LAYER-VALID"\nversion = 5')
     _edit(copy, "threshold = 0.5\nbound = \"lower\"\ntolerance = 0.25",
           "threshold = 0.4\nbound = \"lower\"\ntolerance = 0.25")
     violations, stale = lock_problems(load_registry(copy), read_lock(lock_path(copy)))
-    assert violations == [] and stale == ["LAYER-VALID: version 3 -> 4"]
+    assert violations == [] and stale == ["LAYER-VALID: version 4 -> 5"]
     assert _lock_cli(copy, "--check").returncode == 1
     assert _lock_cli(copy).returncode == 0
     assert _lock_cli(copy, "--check").returncode == 0
