@@ -261,7 +261,8 @@ def test_value_cache_detection(bench: Workbench, measure: Any) -> None:
             J.record_detection(measure, det, s.families)
     measure.table("detection per readout at its chosen layer",
                   ["readout", "layer (picked on plain prompts)", "harmful vs harmless AUC",
-                   "lo", "hi", "attacks vs harmless AUC", "lo", "hi"], rows)
+                   "plain lo", "plain hi", "attacks vs harmless AUC", "attacks lo",
+                   "attacks hi"], rows)
     layers = sorted({layer for d in dets.values() for layer in d.layers})
     measure.plot("attack-vs-harmless AUC per layer and readout", "line", x=layers,
                  series={J.readout_name(r): [dict(zip(d.layers, (e.value for e in d.attacks),

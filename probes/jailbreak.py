@@ -576,8 +576,8 @@ def record_baseline(measure: Any, rows: Sequence[BaselineRow], originals: Arm) -
         measure.metric(f"refusal minus originals/{r.family}", r.diff,
                        ci=(r.diff_lo, r.diff_hi), n=r.n)
     measure.table("unsteered refusal per attack family",
-                  ["family", "n", "refused", "rate", "lo", "hi", "minus originals", "lo",
-                   "hi", "comparison", "McNemar p"], table)
+                  ["family", "n", "refused", "rate", "lo", "hi", "minus originals",
+                   "difference lo", "difference hi", "comparison", "McNemar p"], table)
 
 
 def record_detection(measure: Any, det: Detection, families: Sequence[str]) -> None:
