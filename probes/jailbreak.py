@@ -34,7 +34,7 @@ import torch
 from probes.capture import Activations, Site
 from probes.directions import mean_diff_per_layer
 from probes.dose_response import multi_range
-from probes.errors import PromptSetError
+from probes.errors import BenchError, PromptSetError
 from probes.interventions import SteeringPlan, plan_ratio
 from probes.stats import (
     Estimate,
@@ -348,6 +348,10 @@ def steering_plan(config: Config, dose: float, resid_dirs: torch.Tensor,
     harmful-minus-harmless means of the attention outputs; ``norms`` [L]: mean residual
     norms of the training prompts.
     """
+    for name, dirs in (("resid_pre", resid_dirs), ("attn_out", attn_dirs)):
+        if float(dirs[centre].norm()) == 0.0:
+            raise BenchError(f"block {centre} has no {name} direction (a zero vector) to add",
+                             "steer at a block whose harmful and harmless means differ")
     n_layers = int(resid_dirs.shape[0])
     single = plan_ratio({centre: resid_dirs[centre]}, {centre: float(norms[centre])}, dose)
     if config == "single":
@@ -355,7 +359,8 @@ def steering_plan(config: Config, dose: float, resid_dirs: torch.Tensor,
     if config == "attn_out":
         return plan_ratio({centre: attn_dirs[centre]}, {centre: float(norms[centre])},
                           dose).at_site("attn_out")
-    blocks = multi_range(centre, n_layers)
+    # a block without a direction (resid_pre of block 0 at the last token) is left out
+    blocks = [k for k in multi_range(centre, n_layers) if float(resid_dirs[k].norm()) > 0.0]
     multi = plan_ratio({k: resid_dirs[k] for k in blocks},
                        {k: float(norms[k]) for k in blocks}, dose / len(blocks))
     total = multi.total_perturbation()

@@ -16,7 +16,7 @@ from fixtures.workbench import BenchConfig, Progress, Workbench
 from probes import jailbreak as J
 from probes.cache import ActivationCache
 from probes.capture import capture
-from probes.errors import PromptSetError
+from probes.errors import BenchError, PromptSetError
 from probes.interventions import count_hooks, plan_ratio, steer
 from probes.models import load
 from probes.stats import mcnemar_exact_p, wilson_interval
@@ -254,6 +254,12 @@ def test_configurations_add_the_same_total_perturbation() -> None:
     keys = {J.steering_key(p) for p in plans.values()}
     assert len(keys) == 3
     assert J.steering_key(J.steering_plan("single", 0.0, resid, attn, norms, 6)) == "none"
+    resid[5] = 0.0  # a block without a direction is left out of the multi-block plan
+    multi = J.steering_plan("multi", 0.5, resid, attn, norms, centre=6)
+    assert sorted(multi.vectors) == [4, 6, 7, 8]
+    assert multi.total_perturbation() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(BenchError, match="no resid_pre direction"):
+        J.steering_plan("single", 0.5, resid, attn, norms, centre=5)
     assert J.steering_key(plans["single"]) == J.steering_key(
         J.steering_plan("single", 0.5, resid.clone(), attn, norms, 6))
 
