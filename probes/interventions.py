@@ -1,7 +1,10 @@
 """Interventions on the residual stream; every one is a context manager.
 
 * :func:`steer` adds ``alpha * v_l`` to the input of decoder block l (``resid_pre``) at every
-  position, prompt and generated tokens alike, for each layer of a :class:`SteeringPlan`.
+  position, prompt and generated tokens alike, for each layer of a :class:`SteeringPlan`;
+  a plan with ``site="attn_out"`` adds it to what block l's attention writes into the
+  residual stream instead (after the attention, so block l's attention does not see it and
+  its MLP does).
 * :class:`RowSteering` runs several plans in one batch: each prompt row is steered by its
   own plan (``generate(..., rows=...)`` keeps the rows and their plans in step).
 * :func:`ablate_direction` removes the component along a unit direction from every write
@@ -25,13 +28,16 @@ from probes.capture import model_device, on_device_of
 from probes.layout import ResidualLayout, hidden_state_of
 
 Units = Literal["raw", "ratio"]
+SteerSite = Literal["resid_pre", "attn_out"]
+STEER_SITES: tuple[SteerSite, ...] = ("resid_pre", "attn_out")
 
 
 @dataclass(frozen=True)
 class SteeringPlan:
     """Per-layer steering vectors and strengths.
 
-    ``vectors[l]`` is added ``alphas[l]`` times at the input of block l. Build plans with
+    ``vectors[l]`` is added ``alphas[l]`` times at the input of block l (``site`` =
+    ``resid_pre``) or to the output of block l's attention (``attn_out``). Build plans with
     :func:`plan_raw` (the seed's unit: alpha times the unnormalised mean difference) or
     :func:`plan_ratio` (alpha is the perturbation ratio ||alpha v|| / mean ||h_l||).
     """
@@ -39,10 +45,19 @@ class SteeringPlan:
     vectors: Mapping[int, torch.Tensor]  # [d_model] each
     alphas: Mapping[int, float]
     units: Units = "raw"
+    site: SteerSite = "resid_pre"
+
+    def __post_init__(self) -> None:
+        if self.site not in STEER_SITES:
+            raise ValueError(f"steering site {self.site!r} is not one of {STEER_SITES}")
 
     def scaled(self, factor: float) -> SteeringPlan:
         return SteeringPlan(self.vectors, {k: a * factor for k, a in self.alphas.items()},
-                            self.units)
+                            self.units, self.site)
+
+    def at_site(self, site: SteerSite) -> SteeringPlan:
+        """The same vectors and strengths added at ``site``."""
+        return SteeringPlan(self.vectors, self.alphas, self.units, site)
 
     def total_perturbation(self) -> float:
         """Sum over layers of ||alpha_l v_l||: compares plans with different layer counts."""
@@ -84,9 +99,39 @@ def _add_pre_hook(delta: torch.Tensor) -> Callable[..., Any]:
     return hook
 
 
+def _add_output_hook(delta: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    """Add ``delta(hidden)`` to a module's output hidden state (a tensor or a tuple's first
+    element), keeping the rest of the output as it was."""
+
+    def hook(_m: nn.Module, _inputs: Any, output: Any) -> Any:
+        hidden = hidden_state_of(output)
+        new = hidden + delta(hidden)
+        if isinstance(output, torch.Tensor):
+            return new
+        return (new, *output[1:])
+
+    return hook
+
+
+def _constant_delta(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    return lambda hidden: on_device_of(delta, hidden, memo)
+
+
+def _register_add(layout: ResidualLayout, site: SteerSite, layer: int,
+                  delta: torch.Tensor) -> Any:
+    """Hook that adds ``delta`` at ``site`` of ``layer``; returns its handle."""
+    if site == "attn_out":
+        return layout.attn_out_modules[layer].register_forward_hook(
+            _add_output_hook(_constant_delta(delta)))
+    return layout.blocks[layer].register_forward_pre_hook(_add_pre_hook(delta),
+                                                          with_kwargs=True)
+
+
 @contextmanager
 def steer(layout: ResidualLayout, plan: SteeringPlan) -> Iterator[SteeringPlan]:
-    """Add the plan's vectors at the input of their blocks while the context is open."""
+    """Add the plan's vectors at their site (block input, or attention output) while the
+    context is open."""
     layers = layout.check_layers(list(plan.vectors))
     handles = []
     try:
@@ -94,10 +139,8 @@ def steer(layout: ResidualLayout, plan: SteeringPlan) -> Iterator[SteeringPlan]:
             alpha = float(plan.alphas.get(layer, 0.0))
             if alpha == 0.0:
                 continue  # alpha = 0 is exactly no intervention
-            block = layout.blocks[layer]
             delta = (alpha * plan.vectors[layer]).to(torch.float32)  # placed by the hook
-            handles.append(block.register_forward_pre_hook(_add_pre_hook(delta),
-                                                           with_kwargs=True))
+            handles.append(_register_add(layout, plan.site, layer, delta))
         yield plan
     finally:
         for h in handles:
@@ -112,7 +155,8 @@ class RowSteering:
     rows=row_steering)``: ``generate`` sets :attr:`index` (the plan of every row of the batch
     being computed) before each forward pass and follows it when ended rows leave the batch;
     the hook at block l adds ``alpha_g * v_l`` of each row's plan g to that row (every
-    position). A plan without layer l, or with alpha 0 there, adds exactly zero to its rows.
+    position), at the plan's site (block input, or attention output). A plan without layer
+    l, or with alpha 0 there, adds exactly zero to its rows.
     Each row's numbers are those :func:`steer` with its plan gives (same float32 delta cast
     to the hidden dtype); replies differ from one-plan-per-batch generation at most by the
     rounding of a different batch composition (tested equal on tiny models). Generating every
@@ -129,27 +173,31 @@ class RowSteering:
             raise ValueError(f"groups must index the {len(plans)} plans, got values "
                              f"{int(g.min())}..{int(g.max())}")
         self.layout = layout
-        wanted = sorted({k for plan in plans for k in plan.vectors
-                         if float(plan.alphas.get(k, 0.0)) != 0.0})
-        self.tables: dict[int, torch.Tensor] = {}  # layer -> [n_plans, d_model] float32
-        for key, layer in zip(wanted, layout.check_layers(wanted), strict=True):
-            table = self.tables.setdefault(
-                layer, torch.zeros(len(plans), layout.d_model, dtype=torch.float32))
-            for i, plan in enumerate(plans):
-                alpha = float(plan.alphas.get(key, 0.0))
-                if key in plan.vectors and alpha != 0.0:
-                    table[i] += (alpha * plan.vectors[key]).to(torch.float32)
+        # (site, layer) -> [n_plans, d_model] float32: each plan's delta there (zero rows
+        # for plans that add nothing at that site and layer)
+        self.tables: dict[tuple[SteerSite, int], torch.Tensor] = {}
+        for site in STEER_SITES:
+            wanted = sorted({k for plan in plans if plan.site == site for k in plan.vectors
+                             if float(plan.alphas.get(k, 0.0)) != 0.0})
+            for key, layer in zip(wanted, layout.check_layers(wanted), strict=True):
+                table = self.tables.setdefault(
+                    (site, layer), torch.zeros(len(plans), layout.d_model,
+                                               dtype=torch.float32))
+                for i, plan in enumerate(plans):
+                    alpha = float(plan.alphas.get(key, 0.0))
+                    if plan.site == site and key in plan.vectors and alpha != 0.0:
+                        table[i] += (alpha * plan.vectors[key]).to(torch.float32)
         self.groups = g.to(model_device(layout.decoder))  # where generate builds its index
         self.index: torch.Tensor | None = None  # [batch] plan of each row; set by generate
         self._handles: list[Any] = []
 
-    def _hook(self, layer: int) -> Callable[..., Any]:
-        """Add each row's plan at block ``layer``, on the device of the block's input."""
-        table = self.tables[layer]
+    def _rows(self, site: SteerSite, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``hidden -> [batch, 1, d]``: each row's delta at (site, layer), on the hidden
+        state's device and in its dtype."""
+        table = self.tables[(site, layer)]
         tables: dict[torch.device, torch.Tensor] = {}
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            hidden = args[0] if args else kwargs["hidden_states"]
+        def rows(hidden: torch.Tensor) -> torch.Tensor:
             index = self.index
             if index is None or index.shape[0] != hidden.shape[0]:
                 raise RuntimeError(
@@ -159,8 +207,18 @@ class RowSteering:
                     f"{hidden.shape[0]})")
             if hidden.device not in tables:
                 tables[hidden.device] = table.to(hidden.device)
-            rows = tables[hidden.device].index_select(0, index.to(hidden.device))
-            new = hidden + rows.to(hidden.dtype).unsqueeze(1)
+            picked = tables[hidden.device].index_select(0, index.to(hidden.device))
+            return picked.to(hidden.dtype).unsqueeze(1)
+
+        return rows
+
+    def _hook(self, layer: int) -> Callable[..., Any]:
+        """Add each row's plan at the input of block ``layer``."""
+        rows = self._rows("resid_pre", layer)
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new = hidden + rows(hidden)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
@@ -169,9 +227,14 @@ class RowSteering:
 
     def __enter__(self) -> RowSteering:
         try:
-            for layer in self.tables:
-                self._handles.append(self.layout.blocks[layer].register_forward_pre_hook(
-                    self._hook(layer), with_kwargs=True))
+            for site, layer in self.tables:
+                if site == "attn_out":
+                    handle = self.layout.attn_out_modules[layer].register_forward_hook(
+                        _add_output_hook(self._rows(site, layer)))
+                else:
+                    handle = self.layout.blocks[layer].register_forward_pre_hook(
+                        self._hook(layer), with_kwargs=True)
+                self._handles.append(handle)
         except BaseException:
             self.__exit__(None, None, None)
             raise
