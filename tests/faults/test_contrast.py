@@ -137,14 +137,13 @@ def test_a_cached_result_of_one_contrast_is_not_read_by_another(tmp_path: Path) 
     """cached_json keys carry the contrast (and the pair set's hash): a matched run never
     reads an unmatched run's entry, while results that opt out (abliteration, judges) are
     shared."""
-    from types import SimpleNamespace
-
     from fixtures.contrast import Contrast
     from fixtures.options import PROFILES, parse_alphas, parse_layers
     from fixtures.workbench import BenchConfig, Progress, Workbench
     from probes.cache import ActivationCache
+    from probes.models import load
 
-    lm = SimpleNamespace(fingerprint="f" * 64, dtype="float32", chat=SimpleNamespace(mode="plain"))
+    lm = load("tiny-llama")  # the Workbench reads the model's facts when it is built
     calls: list[str] = []
 
     def bench(kind: str) -> Workbench:

@@ -113,8 +113,9 @@ def _common(doc: dict[str, Any], expected_n: int) -> tuple[int, int]:
 def _causal(doc: dict[str, Any], hid: str) -> tuple[int, float]:
     """(causal layers found, reference causal layer) as the claim's test recorded them."""
     test = next(t for t in doc["tests"] if any(c["hypothesis"] == hid for c in t["checks"]))
+    ref = _metric(test, "causal_reference_layer")["value"]  # null: no causal layer
     return (int(_metric(test, "causal_layers_count")["value"]),
-            float(_metric(test, "causal_reference_layer")["value"]))
+            math.nan if ref is None else float(ref))
 
 
 def _judged_or_skipped_for_the_stated_reason(doc: dict[str, Any], n: int, refusals: int) -> None:

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "test_jailbreak.py"
 TIMEOUT_S = 1800  # a hang guard, as in the other integration tests (cold cache, loaded machine)
+TRIM = ("--max-new-tokens", "12", "--n-prompts", "16", "--n-train", "16")
 HYPOTHESES = {"JB-STEER-RESTORES", "JB-FRAMING-RESISTS", "JB-VCACHE-DETECTS"}
 
 
@@ -47,7 +48,8 @@ def _rate_ok(p: Any, lo: Any, hi: Any) -> bool:
 
 def test_jailbreak_benchmark_on_the_embedded_model(pytester: pytest.Pytester) -> None:
     out = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(str(BENCH), "--profile", "quick",
+    # quick profile, trimmed further: the structure is asserted, not the verdicts
+    result = pytester.runpytest_subprocess(str(BENCH), "--profile", "quick", *TRIM,
                                            "-p", "no:cacheprovider", "--report-json", str(out),
                                            timeout=TIMEOUT_S)
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), \
