@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from probes.dose_response import MIN_CALIBRATION_REPLIES
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +33,12 @@ DOSE_STATUSES = {"ok", "baseline", "not reached before degeneracy",
 RATE_COLUMNS = ("harmful refusal", "harmless refusal", "degenerate", "coherent")
 
 
-def _run(pytester: pytest.Pytester) -> dict[str, Any]:
+def _run(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
     out = pytester.path / "report.json"
     pytester.runpytest_subprocess(
         str(BENCH), "--profile", "quick", "-p", "no:cacheprovider", "--alphas=-0.5,0,0.5",
         "--ratio-alphas=-1,0,1", "--n-gen", "4", "--max-new-tokens", "16",
-        "--report-json", str(out), timeout=TIMEOUT_S)
+        "--report-json", str(out), *args, timeout=TIMEOUT_S)
     assert out.is_file(), "the run wrote no JSON report"
     doc: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
     assert not doc["collection_errors"], doc["collection_errors"]
@@ -158,3 +161,26 @@ def test_dose_response_benchmark_on_the_embedded_model(pytester: pytest.Pytester
         assert [r["total ratio"] for r in rows] in ([1.0], [-1.0])
         diff = _metric(t, "multi_minus_single_effect")
         assert -1.0 <= diff["ci"][0] <= diff["value"] <= diff["ci"][1] <= 1.0
+
+
+COHERENCE_CLAIMS = ("TIS-RATIO-BREAKDOWN", "TIS-COHERENT-WITHIN-HALF")
+
+
+def test_coherence_rule_is_calibrated_on_a_second_model(pytester: pytest.Pytester) -> None:
+    """The coherence rule comes from each model's own unsteered replies, so a model the
+    suite was never fitted on (SmolLM2-135M) gets a calibrated rule and a verdict on every
+    coherence-based claim, not a skip for want of a calibration."""
+    doc = _run(pytester, "--model", "smollm2-135m-instruct", "--n-gen", "6",
+               "-k", "test_dose_response or breakdown or coherent_within")
+    tests = {t["name"]: t for t in doc["tests"]}
+    raw = tests["test_dose_response[smollm2-135m-instruct-raw]"]
+    assert raw["outcome"] == "passed", raw["longrepr"]
+    (rule,) = _rows(_table(raw, "coherence rule"))
+    calibrated = re.search(r"perplexity <= .* of its (\d+) unsteered replies", rule["rule"])
+    assert calibrated and int(calibrated.group(1)) >= MIN_CALIBRATION_REPLIES, rule
+    checks = [c for t in tests.values() for c in t["checks"]
+              if c["hypothesis"] in COHERENCE_CLAIMS]
+    assert {c["hypothesis"] for c in checks} == set(COHERENCE_CLAIMS), checks
+    for check in checks:
+        _no_silent_nan(check)
+        assert "not calibrated" not in (check["message"] or ""), check
