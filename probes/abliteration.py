@@ -812,6 +812,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=32,
                    help="held-out prompts per class for the before/after figures (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--judge", default=None, metavar="NAME|MODULE:FUNCTION",
+                   help="reply judge for the before/after refusal rates: a registered name "
+                        "(default four_class) or module:function, as the suite's --judge")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -829,9 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from probes.directions import mean_diff_per_layer
     from probes.errors import BenchError
     from probes.generation import generate
-    from probes.judges import refusal_judge
     from probes.models import load
-    from probes.stats import fisher_exact, rate
+    from probes.reply_judges import resolve_judge
+    from probes.stats import mcnemar_one_sided_p, rate
 
     def say(msg: str) -> None:
         sys.stderr.write(msg + "\n")
@@ -839,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     try:
+        judge = resolve_judge(args.judge)
         lm = load(args.model, device=args.device, dtype=args.dtype)
         harm = prompt_sets.advbench().split(args.seed, CLI_SPLIT_FRACTIONS, stratify="category")
         safe = prompt_sets.harmless().where("language", "en").split(
@@ -885,41 +889,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         direction = torch.from_numpy(raw[layer]).float()
         unit_direction(direction)  # fails clearly on a zero direction
 
-        te_h = lm.format(list(harm.test.sample(args.n_test, s, "category").texts)) \
+        raw_h = list(harm.test.sample(args.n_test, s, "category").texts) \
             if args.n_test > 0 else []
-        te_b = lm.format(list(safe.test.sample(args.n_test, s, "topic").texts)) \
+        raw_b = list(safe.test.sample(args.n_test, s, "topic").texts) \
             if args.n_test > 0 else []
+        te_h, te_b = lm.format(raw_h) if raw_h else [], lm.format(raw_b) if raw_b else []
 
-        def refusals(texts: Sequence[str]) -> int:
+        def refusals(texts: Sequence[str], asked: Sequence[str]) -> npt.NDArray[np.bool_]:
+            """Per prompt: did the ``--judge`` class the reply a refusal (paired arrays)."""
             if not texts:
-                return 0
+                return np.zeros(0, dtype=np.bool_)
             g = generate(lm.model, lm.tokenizer, texts, args.max_new_tokens, args.batch_size)
-            return int(refusal_judge(g.texts).sum())
+            return judge(g.texts, asked).refusal
 
         if te_h:
             say(f"[abliterate] generating {len(te_h) + len(te_b)} replies before the edit ...")
-        before = (refusals(te_h), refusals(te_b))
+        before = (refusals(te_h, raw_h), refusals(te_b, raw_b))
         logp = first_token_logprobs(lm.model, lm.tokenizer, te_b, args.batch_size) \
             if te_b else None
         with orthogonalised(lm.layout, direction, norm_preserve=args.norm_preserve,
                             model=lm.model, source_layer=layer) as edit:
             if te_h:
                 say(f"[abliterate] generating {len(te_h) + len(te_b)} replies after ...")
-            after = (refusals(te_h), refusals(te_b))
+            after = (refusals(te_h, raw_h), refusals(te_b, raw_b))
             figures: dict[str, Any] = {}
             if te_h and te_b and logp is not None:
                 kl = first_token_kl(logp, first_token_logprobs(lm.model, lm.tokenizer, te_b,
                                                                args.batch_size))
                 figures = {
                     "n_harmful": len(te_h), "n_harmless": len(te_b),
-                    "harmful_refusal_before": before[0] / len(te_h),
-                    "harmful_refusal_after": after[0] / len(te_h),
-                    "harmless_refusal_before": before[1] / len(te_b),
-                    "harmless_refusal_after": after[1] / len(te_b),
-                    "fisher_p_harmful_drop": fisher_exact(before[0], len(te_h), after[0],
-                                                          len(te_h), "greater")[1],
-                    "fisher_p_harmless_rise": fisher_exact(after[1], len(te_b), before[1],
-                                                           len(te_b), "greater")[1],
+                    "judge": judge.name,
+                    "harmful_refusal_before": float(before[0].mean()),
+                    "harmful_refusal_after": float(after[0].mean()),
+                    "harmless_refusal_before": float(before[1].mean()),
+                    "harmless_refusal_after": float(after[1].mean()),
+                    "mcnemar_p_harmful_drop": mcnemar_one_sided_p(before[0], after[0], "drop"),
+                    "mcnemar_p_harmless_rise": mcnemar_one_sided_p(before[1], after[1], "rise"),
                     "first_token_kl_mean": float(kl.mean()),
                     "max_new_tokens": args.max_new_tokens,
                 }
@@ -938,15 +943,18 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"saved to {out} (model.safetensors, config.json, tokenizer, "
              f"{EXPORT_METADATA_FILE})"]
     if figures:
-        def fmt(k: int, n: int) -> str:
+        def fmt(refused: npt.NDArray[np.bool_]) -> str:
+            k, n = int(refused.sum()), len(refused)
             e = rate(k, n)
             return f"{k}/{n} = {e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}]"
 
         lines += [
-            f"harmful refusal : {fmt(before[0], len(te_h))} -> {fmt(after[0], len(te_h))}  "
-            f"(one-sided Fisher p = {figures['fisher_p_harmful_drop']:.3g})",
-            f"harmless refusal: {fmt(before[1], len(te_b))} -> {fmt(after[1], len(te_b))}  "
-            f"(one-sided Fisher p for a rise = {figures['fisher_p_harmless_rise']:.3g})",
+            f"refusals judged by {judge.name}; p-values: exact one-sided McNemar on the same "
+            "prompts before and after",
+            f"harmful refusal : {fmt(before[0])} -> {fmt(after[0])}  "
+            f"(p for a drop = {figures['mcnemar_p_harmful_drop']:.3g})",
+            f"harmless refusal: {fmt(before[1])} -> {fmt(after[1])}  "
+            f"(p for a rise = {figures['mcnemar_p_harmless_rise']:.3g})",
             f"first-token KL(original || edited) on harmless prompts: mean "
             f"{figures['first_token_kl_mean']:.4f}",
         ]

@@ -553,10 +553,12 @@ def test_cli_abliterates_and_exports_a_tiny_model(tmp_path: Path,
                    "--norm-preserve"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "harmful refusal" in printed and "Fisher p" in printed
+    assert str(out) in printed and "harmful refusal" in printed and "McNemar" in printed
+    assert "judged by four_class" in printed
     meta = json.loads((out / A.EXPORT_METADATA_FILE).read_text())["refusalbench"]
     assert meta["edit"]["norm_preserve"] is True
-    assert meta["figures"]["n_harmful"] == 3
+    assert meta["figures"]["n_harmful"] == 3 and meta["figures"]["judge"] == "four_class"
+    assert 0.0 <= meta["figures"]["mcnemar_p_harmful_drop"] <= 1.0
     assert len(meta["direction"]) == 64
     reloaded = load(str(out), cache_dir=tmp_path / "cache")
     assert reloaded.n_layers == 4
