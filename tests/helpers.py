@@ -1,4 +1,5 @@
-"""Builders shared by the project's tests: synthetic JSON reports.
+"""Builders shared by the project's tests: a tiny-model run configuration and synthetic
+JSON reports.
 
 Import as ``from tests.helpers import ...`` (the repository root is on pytest's path).
 """
@@ -6,7 +7,29 @@ Import as ``from tests.helpers import ...`` (the repository root is on pytest's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from fixtures.options import PROFILES, parse_alphas, parse_layers
+from fixtures.workbench import BenchConfig
+
+
+def tiny_config(profile: str = "quick", cache_dir: Path | str | None = None,
+                **fields: Any) -> BenchConfig:
+    """A run configuration for tests on tiny random models: every layer, no steering grid
+    (alpha 0), 8 prompts to fit and judge, 4 generations of 4 tokens, 10 bootstrap
+    resamples, float32 on the CPU. The cache is on exactly when ``cache_dir`` is given;
+    ``fields`` override any other field of :class:`BenchConfig`."""
+    base: dict[str, Any] = {
+        "models": ("tiny-llama",), "layers": parse_layers("all"), "alphas": parse_alphas("0"),
+        "ratio_alphas": parse_alphas("0"), "n_train": 8, "n_eval": 8, "n_gen": 4,
+        "max_new_tokens": 4, "n_boot": 10, "seed": 0, "device": "cpu", "dtype": "float32",
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "use_cache": cache_dir is not None, "profile": profile, "chat_template": "auto",
+        "batch_size": 4, "defaults": PROFILES[profile],
+    }
+    return BenchConfig(**{**base, **fields})
+
 
 # ------------------------------------------------------------------ synthetic JSON reports
 
