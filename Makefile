@@ -14,7 +14,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # (torch keeps its own thread pool for the model).
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv bench bench-quick test test-all perf lint clean-cache
+.PHONY: venv bench bench-quick compare test test-all perf lint clean-cache
 
 venv: $(STAMP)
 
@@ -34,6 +34,13 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m pytest benchmarks -p no:cacheprovider --profile quick $(BENCH_ARGS)
+
+# Did a change to the suite keep its answers? Two reports of the same model, claim by claim:
+# make compare OLD=before/report.json NEW=reports/out/report.json (exit 1 if answers moved).
+compare: venv
+	@test -n "$(OLD)" -a -n "$(NEW)" || \
+		{ echo "usage: make compare OLD=old-report.json NEW=new-report.json" >&2; exit 2; }
+	$(PY) -m reports verdicts "$(OLD)" "$(NEW)"
 
 # The project's own tests: unit, property, plugin and integration on real packaged models.
 test: venv

@@ -2,7 +2,7 @@
 
     python -m reports compare OLD.json NEW.json      # diff table; exit 1 on regressions
     python -m reports render A.json [B.json ...] -o OUT.html
-    python -m reports verdicts BEFORE.json AFTER.json   # same verdicts? exit 1 if not
+    python -m reports verdicts OLD.json NEW.json        # same answers after a suite change?
     python -m reports lock [--check]                    # claims change only with a bump
     python -m reports results REPORT.json [-o docs/experiments]   # experiment pages' results
 
@@ -11,7 +11,8 @@ Exit status:
   1  regressions found
   2  bad input (unreadable or invalid report, missing output directory, usage)
   3  refused: the reports are not comparable (no model fingerprint in common, a report of
-     a run that did not finish, or a hypothesis whose version differs between the reports)
+     a run that did not finish, or a hypothesis whose version differs between the reports);
+     for ``verdicts``: runs of different models
 
 ``compare`` refuses rather than answering "0 regressions" when the answer would be
 meaningless; each reason is printed on stderr with what to do instead. ``render`` writes
@@ -21,6 +22,7 @@ into an existing directory only.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -57,16 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ver = commands.add_parser(
         "verdicts",
-        help="same verdicts in two runs? (for changes that should not move results)",
-        description="Exit 0 when every verdict is the same (flips where the interval straddles "
-        "the threshold in both runs excepted) and no interval widened by more than "
-        "--max-widen; 1 otherwise; 2 bad input.",
+        help="did a change to the suite keep its answers? (two runs of the same model)",
+        description="Compare two runs of the same model claim by claim: verdicts, intervals "
+        "and the ratio of their widths. Exit 0: same answers; 1: a verdict changed (flips "
+        "where the interval straddles the threshold in both runs excepted) or an interval "
+        "widened by more than --max-widen; 2: bad input; 3: refused, runs of different models. "
+        "Checks present in one run only and claims whose version changed are listed, not failed.",
     )
     ver.add_argument("old", type=Path, help="report before the change (JSON)")
     ver.add_argument("new", type=Path, help="report after the change (JSON)")
-    ver.add_argument("--max-widen", type=float, default=0.10,
+    ver.add_argument("--max-widen", type=_fraction, default=0.10,
                      help="largest accepted relative growth of an interval (default 0.10)")
-    ver.add_argument("--all", action="store_true", help="also list unchanged checks")
+    ver.add_argument("--brief", action="store_true", help="leave unchanged checks out")
     lock = commands.add_parser(
         "lock",
         help="check or refresh the hypothesis registry's lock (claims change only with a bump)",
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lock":
             return _lock(args.registry, args.check)
         if args.command == "verdicts":
-            return _verdicts(args.old, args.new, args.max_widen, args.all)
+            return _verdicts(args.old, args.new, args.max_widen, args.brief)
         if args.command == "compare":
             return _compare(args.old, args.new, show_same=args.all,
                             model_change=args.allow_model_change)
@@ -151,13 +155,30 @@ def _lock(registry_path: Path, check: bool) -> int:
     return EXIT_OK
 
 
-def _verdicts(old_path: Path, new_path: Path, max_widen: float, show_same: bool) -> int:
-    from reports.verdicts import compare_verdicts, failed, format_rows
+def _verdicts(old_path: Path, new_path: Path, max_widen: float, brief: bool) -> int:
+    from reports.verdicts import compare_verdicts
 
-    rows = compare_verdicts(load_report(old_path), load_report(new_path), max_widen)
-    print(f"before: {old_path}\nafter:  {new_path}")
-    print(format_rows(rows, show_same))
-    return EXIT_REGRESSIONS if failed(rows) else EXIT_OK
+    old, new = load_report(old_path), load_report(new_path)
+    comparison = compare_verdicts(old, new, max_widen, f"OLD {old_path}", f"NEW {new_path}")
+    print(f"old: {old_path}\nnew: {new_path}")
+    print(comparison.format(brief=brief))
+    for reason in comparison.refusals:
+        print(f"error: comparison refused: {reason}", file=sys.stderr)
+    if comparison.refusals:
+        return EXIT_NOT_COMPARABLE
+    return EXIT_REGRESSIONS if comparison.failures else EXIT_OK
+
+
+def _fraction(text: str) -> float:
+    """--max-widen: a non-negative number (0.10 = ten per cent)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a non-negative fraction; write e.g. 0.10 for ten per cent")
+    return value
 
 
 def _exit_status(comparison: Comparison) -> int:

@@ -169,10 +169,7 @@ def compare(
     """
     result = Comparison()
     result.fingerprint_changes = _fingerprint_changes(old, new)
-    result.notes = (
-        _registry_notes(old, new) + _dtype_notes(old, new) + _prompt_notes(old, new)
-        + _option_notes(old, new) + _model_notes(old, new, old_name, new_name)
-    )
+    result.notes = context_notes(old, new) + _model_notes(old, new, old_name, new_name)
     result.refusals = incomplete_reasons(old, old_name) + incomplete_reasons(new, new_name)
     rename: Callable[[str, str], tuple[str, str]] | None = None
     if model_change:
@@ -183,30 +180,32 @@ def compare(
         result.refusals += _no_shared_model(old, new, old_name, new_name)
     if result.refusals:
         return result
-    old_checks = _index(old, rename)
-    new_checks = _index(new)
+    old_checks = index_checks(old, rename)
+    new_checks = index_checks(new)
     new_outcomes = {test["nodeid"]: test["outcome"] for test in new["tests"]}
     for key in sorted(set(old_checks) | set(new_checks)):
         before, after = old_checks.get(key), new_checks.get(key)
         if before is not None:
-            result.old_cells[key] = _cell(before)
+            result.old_cells[key] = check_cell(before)
         if after is not None:
-            result.new_cells[key] = _cell(after)
+            result.new_cells[key] = check_cell(after)
         result.rows.append(_compare_one(key, before, after, new_outcomes))
     return result
+
+
+def context_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How the two runs differ besides their results (registry, dtype, prompt sets, run
+    options): each difference explains moved figures without being a regression."""
+    return (_registry_notes(old, new) + _dtype_notes(old, new) + _prompt_notes(old, new)
+            + _option_notes(old, new))
 
 
 def incomplete_reasons(doc: dict[str, Any], name: str) -> list[str]:
     """Why ``doc`` is the report of an unfinished run, as a refusal naming ``name``
     (empty when the run finished)."""
-    if doc["complete"]:
+    why = unfinished(doc)
+    if why is None:
         return []
-    if doc["interrupted"]:
-        why = "the run was interrupted"
-    elif doc["exit_status"] is None:
-        why = "the run did not finish (killed, crashed or still running)"
-    else:
-        why = f"the run ended early (exit status {doc['exit_status']})"
     return [
         f"{name} is incomplete: {why}; it holds {len(doc['tests'])} test(s), and "
         "tests it never ran would read as removed. Compare reports of finished runs (re-run "
@@ -214,11 +213,24 @@ def incomplete_reasons(doc: dict[str, Any], name: str) -> list[str]:
     ]
 
 
-def _fingerprints(doc: dict[str, Any]) -> dict[str, set[str]]:
+def unfinished(doc: dict[str, Any]) -> str | None:
+    """How the run of ``doc`` ended early (None when it finished)."""
+    if doc["complete"]:
+        return None
+    if doc["interrupted"]:
+        return "the run was interrupted"
+    if doc["exit_status"] is None:
+        return "the run did not finish (killed, crashed or still running)"
+    return f"the run ended early (exit status {doc['exit_status']})"
+
+
+def fingerprints(doc: dict[str, Any]) -> dict[str, set[str]]:
+    """The weight fingerprints a report records, per model name."""
     return _per_model(doc, lambda m: str(m["fingerprint"]))
 
 
-def _describe_models(models: dict[str, set[str]]) -> str:
+def describe_models(models: dict[str, set[str]]) -> str:
+    """``name (fingerprint prefix, ...)`` for each model, for messages."""
     return "; ".join(
         f"{name} ({', '.join(fp[:12] for fp in sorted(fps))})"
         for name, fps in sorted(models.items())
@@ -230,14 +242,14 @@ def _no_shared_model(
 ) -> list[str]:
     """Refuse reports that both record models but no fingerprint in common: the baseline is
     of another model (or other weights), so every verdict would be held against a stranger."""
-    before, after = _fingerprints(old), _fingerprints(new)
+    before, after = fingerprints(old), fingerprints(new)
     if not before or not after:
         return []  # see _model_notes
     if set().union(*before.values()) & set().union(*after.values()):
         return []
     return [
         f"{old_name} and {new_name} share no model fingerprint (baseline: "
-        f"{_describe_models(before)}; current: {_describe_models(after)}). Compare reports of "
+        f"{describe_models(before)}; current: {describe_models(after)}). Compare reports of "
         "the same model; to gate a new version of a model against the baseline of the one it "
         "replaces, add --allow-model-change; to make this run the new baseline, use pytest "
         "--baseline PATH --update-baseline"
@@ -323,7 +335,7 @@ def _compare_one(
     return row("same", False, "")
 
 
-def _index(
+def index_checks(
     doc: dict[str, Any], rename: Callable[[str, str], tuple[str, str]] | None = None
 ) -> dict[Key, dict[str, Any]]:
     """Checks by (model, nodeid, hypothesis, label); ``rename`` maps (model, nodeid) first."""
@@ -378,7 +390,8 @@ def _tolerance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> f
     return None
 
 
-def _cell(check: dict[str, Any]) -> str:
+def check_cell(check: dict[str, Any]) -> str:
+    """A check as one table cell: verdict, value and interval (``pass 0.81 [0.7, 0.9]``)."""
     return f"{check['verdict']} {format_value(check['value'], check['ci'], check['value_flag'])}"
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache, write_json_entry
 from probes.causal import causal_layer_test
 from probes.errors import PromptSetError
 from probes.models import LoadedModel, load
+from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ("DP-SHARE-NONZERO", "DP-DETECT-EXCEEDS-DECISION", "MONITOR-REFUSAL-HIGHER")
@@ -73,12 +73,8 @@ def tiny64() -> LoadedModel:
 
 
 def _bench(lm: LoadedModel, cache_dir: Path) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=3, max_new_tokens=6,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=8,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, n_gen=3, max_new_tokens=6, dtype="float64",
+                      batch_size=8)
     return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
 
 

@@ -138,21 +138,16 @@ def test_a_cached_result_of_one_contrast_is_not_read_by_another(tmp_path: Path) 
     reads an unmatched run's entry, while results that opt out (abliteration, judges) are
     shared."""
     from fixtures.contrast import Contrast
-    from fixtures.options import PROFILES, parse_alphas, parse_layers
-    from fixtures.workbench import BenchConfig, Progress, Workbench
+    from fixtures.workbench import Progress, Workbench
     from probes.cache import ActivationCache
     from probes.models import load
+    from tests.helpers import tiny_config
 
     lm = load("tiny-llama")  # the Workbench reads the model's facts when it is built
     calls: list[str] = []
 
     def bench(kind: str) -> Workbench:
-        cfg = BenchConfig(
-            models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-            ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=4,
-            n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(tmp_path),
-            use_cache=True, profile="quick", chat_template="auto", batch_size=4,
-            defaults=PROFILES["quick"], contrast=Contrast(kind))  # type: ignore[arg-type]
+        cfg = tiny_config(cache_dir=tmp_path, contrast=Contrast(kind))  # type: ignore[arg-type]
         return Workbench(lm, cfg, ActivationCache(tmp_path / "acts"),  # type: ignore[arg-type]
                          Progress())
 

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import BenchConfig, Progress, Workbench
 from probes.cache import ActivationCache, CacheKey, write_json_entry
 from probes.capture import Activations
 from probes.detected_proceeds import check_trajectory_part
 from probes.models import LoadedModel, canonical_spec, load
 from probes.tiny import tiny_model
+from tests.helpers import tiny_config
 
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,12 +259,8 @@ def test_activation_entry_with_wrong_row_count_is_a_miss(tmp_path: Path) -> None
 
 
 def _config(models: tuple[str, ...], cache_dir: Path) -> BenchConfig:
-    return BenchConfig(
-        models=models, layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=3, max_new_tokens=6,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=4,
-        defaults=PROFILES["quick"])
+    return tiny_config(cache_dir=cache_dir, models=models, n_gen=3, max_new_tokens=6,
+                       dtype="float64")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import prompts
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache
 from probes.errors import PromptSetError
 from probes.models import load
 from prompts import PromptSet
+from tests.helpers import tiny_config
 
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
 
@@ -245,12 +245,7 @@ def test_overlapping_harmful_and_harmless_sets_are_refused() -> None:
 
 
 def _bench(cache_dir: Path) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=4, n_eval=4, n_gen=2, max_new_tokens=4,
-        n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=4,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, n_train=4, n_eval=4, n_gen=2)
     lm = load("tiny-llama")
     return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
 

@@ -27,9 +27,9 @@ from fixtures.memory import (
     model_bytes,
     parse_pool_memory,
 )
-from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import BenchConfig
 from probes.models import LoadedModel, load
+from tests.helpers import tiny_config
 
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
 MODELS = ("tiny-llama", "tiny-qwen2")
@@ -47,12 +47,8 @@ def _limit_for_one() -> int:
 
 
 def _config(cache_dir: Path) -> BenchConfig:
-    return BenchConfig(
-        models=MODELS, layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=4, n_eval=4, n_gen=2, max_new_tokens=3,
-        n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(cache_dir),
-        use_cache=False, profile="quick", chat_template="auto", batch_size=4,
-        defaults=PROFILES["quick"])
+    return tiny_config(cache_dir=cache_dir, models=MODELS, n_train=4, n_eval=4, n_gen=2,
+                       max_new_tokens=3, use_cache=False)
 
 
 class _Session:

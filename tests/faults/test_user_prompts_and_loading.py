@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from fixtures.contrast import Contrast
-from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.prompt_sources import PromptSources, load_sources
 from fixtures.workbench import SPLIT_FRACTIONS, BenchConfig, Progress, Workbench
 from probes.cache import ActivationCache
 from probes.errors import PromptSetError
 from prompts import advbench, harmless, load_spec
+from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
@@ -37,11 +37,7 @@ def _config(sources: PromptSources | None = None, seed: int = 0) -> BenchConfig:
     extra: dict[str, object] = {"contrast": Contrast("unmatched")}
     if sources is not None:
         extra["prompt_sources"] = sources
-    return BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=64, n_eval=64, n_gen=20, max_new_tokens=4,
-        n_boot=10, seed=seed, device="cpu", dtype="float32", cache_dir=None, use_cache=False,
-        profile="full", chat_template="auto", batch_size=4, defaults=PROFILES["full"], **extra)
+    return tiny_config("full", n_train=64, n_eval=64, n_gen=20, seed=seed, **extra)
 
 
 def _bench(cfg: BenchConfig, tmp_path: Path) -> Workbench:

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache
 from probes.capture import capture, site_layers
 from probes.errors import SiteUnavailable
 from probes.models import LoadedModel, load
 from prompts import PromptSet
+from tests.helpers import tiny_config
 
 TEXTS = ["Write a poem about the sea", "Tell me how to hack a database now please", "Hi",
          "Explain how a bicycle gear system works in simple words for a child"]
@@ -87,12 +87,8 @@ def test_linear_attention_layers_have_no_attn_v_and_say_which_do() -> None:
 
 
 def _bench(cache_dir: Path, arch: str) -> Workbench:
-    cfg = BenchConfig(
-        models=(f"tiny-{arch}",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=8,
-        n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=5,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, models=(f"tiny-{arch}",), max_new_tokens=8,
+                      batch_size=5)
     return Workbench(load(f"tiny-{arch}"), cfg, ActivationCache(cache_dir / "acts"),
                      Progress(lambda _m: None))
 

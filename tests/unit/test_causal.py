@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.options import PROFILES
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache
 from probes.capture import capture, left_pad_batch
 from probes.causal import (
@@ -29,6 +29,7 @@ from probes.interventions import count_hooks
 from probes.judges import refusal_token_ids
 from probes.models import LoadedModel, load
 from probes.stats import holm
+from tests.helpers import tiny_config
 
 PLANTED = 1
 SCALE = 0.5  # of the mean activation norm
@@ -169,13 +170,9 @@ def test_reference_layer_is_the_largest_combined_effect() -> None:
 
 
 def _bench(tmp_path: Path, profile: str) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=PROFILES[profile].n_train,
-        n_eval=PROFILES[profile].n_eval, n_gen=PROFILES[profile].n_gen, max_new_tokens=4,
-        n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(tmp_path),
-        use_cache=True, profile=profile, chat_template="auto", batch_size=16,
-        defaults=PROFILES[profile])
+    cfg = tiny_config(profile, cache_dir=tmp_path, n_train=PROFILES[profile].n_train,
+                      n_eval=PROFILES[profile].n_eval, n_gen=PROFILES[profile].n_gen,
+                      batch_size=16)
     return Workbench(load("tiny-llama"), cfg, ActivationCache(tmp_path / "acts"),
                      Progress(lambda _m: None))
 

@@ -10,21 +10,17 @@ from pathlib import Path
 import pytest
 
 from fixtures.contrast import Contrast, resolve_contrast, sample_pairs, split_pairs_like
-from fixtures.options import PROFILES, parse_alphas, parse_layers
 from fixtures.workbench import SPLIT_FRACTIONS, BenchConfig, Progress, Workbench
 from probes.cache import ActivationCache
 from prompts import PromptSet, normalise
 from prompts.pairs import PairSet
+from tests.helpers import tiny_config
 
 
 def _config(contrast: Contrast, seed: int = 0, n: tuple[int, int, int] = (64, 64, 20)
             ) -> BenchConfig:
-    return BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=n[0], n_eval=n[1], n_gen=n[2],
-        max_new_tokens=4, n_boot=10, seed=seed, device="cpu", dtype="float32",
-        cache_dir=None, use_cache=False, profile="full", chat_template="auto", batch_size=4,
-        defaults=PROFILES["full"], contrast=contrast)
+    return tiny_config("full", n_train=n[0], n_eval=n[1], n_gen=n[2], seed=seed,
+                       contrast=contrast)
 
 
 def _bench(cfg: BenchConfig, tmp_path: Path) -> Workbench:

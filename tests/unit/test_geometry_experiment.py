@@ -291,8 +291,8 @@ def test_clustered_providers_give_a_ratio_below_one() -> None:
 
 
 def test_cone_and_causal_prompts_are_balanced_and_held_out(tmp_path: Path) -> None:
-    from fixtures.options import PROFILES, parse_alphas, parse_layers
-    from fixtures.workbench import BenchConfig, Progress, Workbench
+    from fixtures.options import PROFILES
+    from fixtures.workbench import Progress, Workbench
     from probes.cache import ActivationCache
     from probes.concept_cone import (
         MIN_CATEGORIES,
@@ -301,14 +301,10 @@ def test_cone_and_causal_prompts_are_balanced_and_held_out(tmp_path: Path) -> No
         cone_prompts,
     )
     from probes.models import load
+    from tests.helpers import tiny_config
 
     for profile in ("quick", "full"):
-        cfg = BenchConfig(
-            models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-            ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=4,
-            n_boot=10, seed=0, device="cpu", dtype="float32", cache_dir=str(tmp_path),
-            use_cache=False, profile=profile, chat_template="auto", batch_size=8,
-            defaults=PROFILES[profile])
+        cfg = tiny_config(profile, cache_dir=tmp_path, use_cache=False, batch_size=8)
         bench = Workbench(load("tiny-llama"), cfg, ActivationCache(tmp_path, enabled=False),
                           Progress(lambda _m: None))
         split = bench.harmful_split

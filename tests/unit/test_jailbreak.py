@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes import jailbreak as J
 from probes.cache import ActivationCache
 from probes.capture import capture
@@ -21,6 +20,7 @@ from probes.interventions import count_hooks, plan_ratio, steer
 from probes.models import load
 from probes.stats import mcnemar_exact_p, wilson_interval
 from prompts import PromptSet
+from tests.helpers import tiny_config
 
 ORIGINALS = PromptSet("orig", tuple(f"Explain how to do forbidden thing number {i}"
                                     for i in range(10)))
@@ -265,12 +265,7 @@ def test_configurations_add_the_same_total_perturbation() -> None:
 
 
 def _bench(cache_dir: Path) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=6,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=5,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, max_new_tokens=6, dtype="float64", batch_size=5)
     lm = load("tiny-llama", dtype=torch.float64)
     return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
 

@@ -9,22 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes import kernels
 from probes.cache import ActivationCache
 from probes.interventions import count_hooks, plan_raw, steer
 from probes.kernels import layout_tag
 from probes.models import load
+from tests.helpers import tiny_config
 
 
 def _bench(cache_dir: Path) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=8,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=5,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, max_new_tokens=8, dtype="float64", batch_size=5)
     lm = load("tiny-llama", dtype=torch.float64)
     return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
 
