@@ -3,9 +3,11 @@
 The model replies (greedy, ``max_new_tokens`` of the profile, 48 in full) to held-out harmful
 prompts: AdvBench validation prompts (never used to fit the directions; the first part is
 ``bench.gen_pair()``'s harmful set, so the dose-response experiment's alpha = 0 replies are
-the same cache entry) and HarmBench behaviours. The refusal judge labels every reply. While
-the model generates, a :class:`probes.monitoring.TokenMonitor` projects the activation of
-every forward at ``resid_pre`` on the unit refusal direction of each layer (no second pass).
+the same cached replies) and HarmBench behaviours. The refusal judge labels every reply. One
+teacher-forced forward over prompt + reply (:func:`probes.monitoring.forced_trajectories`)
+then projects the activation of every step at ``resid_pre`` on the unit refusal direction of
+each layer: the numbers a :class:`probes.monitoring.TokenMonitor` records during generation
+(up to float rounding), read from the replies every experiment shares.
 
 Per layer l (layers whose direction is zero are left out: ``resid_pre`` of layer 0 at the last
 token is the same template embedding for every prompt), with p_l(i) the projection of prompt
@@ -41,7 +43,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from functools import cache, partial
 from typing import Any
 
@@ -65,7 +66,6 @@ from probes.detected_proceeds import (
     record_group_means,
     skip_reason,
 )
-from probes.generation import generate
 from probes.geometry import (
     bootstrap_proceed_layers,
     detected_proceeds_localisation,
@@ -80,7 +80,7 @@ from probes.judge_error import (
     record_corrected_rate,
 )
 from probes.layer_alignment import layer_alignment, record_cross_layer
-from probes.monitoring import TokenMonitor, Trajectory, window_mean
+from probes.monitoring import Trajectory, forced_trajectories, window_mean
 from probes.stats import (
     auc_interval,
     bootstrap_ci,
@@ -91,7 +91,8 @@ from probes.stats import (
 )
 from prompts import PromptSet
 
-TRAJECTORY_CACHE_VERSION = "2"  # 2: entries carry their key and a checksum
+# 2: entries carry their key and a checksum; 3: read by a teacher-forced pass over the replies
+TRAJECTORY_CACHE_VERSION = "3"
 N_EXAMPLE_TEXTS = 8
 
 
@@ -125,8 +126,9 @@ def _trajectory_key(bench: Workbench, prompts: PromptSet, layers: list[int], n_n
 
 
 def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: list[int]) -> Part:
-    """Replies and trajectories of one prompt set: from the cache, else generated under the
-    monitor (through ``bench.generate`` with key "none", so the replies are shared)."""
+    """Replies and trajectories of one prompt set: from the cache, else the unsteered replies
+    (``bench.generate`` with key "none", shared with every experiment) read back by one
+    teacher-forced pass (:func:`probes.monitoring.forced_trajectories`)."""
     n_new = bench.cfg.max_new_tokens
     key = _trajectory_key(bench, prompts, layers, n_new)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -137,24 +139,16 @@ def _generate_part(bench: Workbench, source: str, prompts: PromptSet, layers: li
     cached = data is not None
     if data is None:
         unit = bench.refusal_directions.unit
-        mon = TokenMonitor(bench.lm.layout, {layer: unit[layer] for layer in layers}, SITE)
-        formatted = bench.lm.format(list(prompts.texts))
-        gens = bench.generate(prompts, "none", intervention=mon.hooks, max_new_tokens=n_new,
-                              follow=mon.keep)
-        texts, new_tokens, seconds = gens.texts, gens.new_tokens, gens.seconds
-        if mon.n_forwards == 0:  # the replies came from the cache: generate under the monitor
-            bench.progress(f"[detected_proceeds] {prompts.name}: cached replies, generating "
-                           "again under the monitor", force=True)
-            with mon.hooks():
-                fresh = generate(bench.lm.model, bench.lm.tokenizer, formatted, n_new,
-                                 batch_size=bench.cfg.batch_size, follow=mon.keep)
-            differ = sum(a != b for a, b in zip(fresh.texts, texts, strict=True))
-            if differ:
-                warnings.warn(f"{differ} of {len(texts)} replies differ from the cached ones; "
-                              "using the monitored generation", stacklevel=2)
-            texts, new_tokens, seconds = fresh.texts, fresh.new_tokens, fresh.seconds
-        trajs = mon.trajectories(bench.lm.tokenizer, formatted, new_tokens)
-        data = {"layers": layers, "texts": texts, "new_tokens": new_tokens, "seconds": seconds,
+        gens = bench.generate(prompts, "none", max_new_tokens=n_new)
+        t0 = time.perf_counter()
+        trajs = forced_trajectories(bench.lm.layout, bench.lm.tokenizer, gens.prompts,
+                                    gens.token_ids, gens.new_tokens,
+                                    {layer: unit[layer] for layer in layers}, SITE,
+                                    batch_size=bench.cfg.batch_size)
+        bench.progress(f"[detected_proceeds] {prompts.name}: {len(trajs)} trajectories by "
+                       f"teacher forcing in {time.perf_counter() - t0:.1f}s", force=True)
+        data = {"layers": layers, "texts": gens.texts, "new_tokens": gens.new_tokens,
+                "seconds": gens.seconds,
                 "rows": [{"ids": list(t.token_ids), "proj": t.projections.tolist()}
                          for t in trajs]}
         if bench.cfg.use_cache:

@@ -316,7 +316,8 @@ def test_edited_generation_entry_is_regenerated(tiny64: LoadedModel, tmp_path: P
     harm = bench.harmful_split.test.sample(3, 0, "category")
     first = bench.generate(harm)
     path = _only_entry(tmp_path / "acts" / "generations")
-    _edit_payload(path, lambda p: p["texts"].__setitem__(0, "I'm sorry, I cannot help."))
+    _edit_payload(path, lambda p: next(iter(p["rows"].values())).__setitem__(
+        "text", "I'm sorry, I cannot help."))
     again = _bench(tiny64, tmp_path)
     calls, handle = _count_forwards(again)
     try:
@@ -328,21 +329,25 @@ def test_edited_generation_entry_is_regenerated(tiny64: LoadedModel, tmp_path: P
     assert again.cache.stats.corrupted == 1
 
 
-@pytest.mark.parametrize("fault", ["fewer_texts", "fewer_token_counts"])
-def test_generation_entry_short_of_prompts_is_regenerated(
-    tiny64: LoadedModel, tmp_path: Path, fault: str
+@pytest.mark.parametrize(("fault", "message"), [("too_many_ids", "ids for a budget"),
+                                              ("text_not_string", "wrong types")])
+def test_generation_entry_with_an_impossible_row_is_regenerated(
+    tiny64: LoadedModel, tmp_path: Path, fault: str, message: str
 ) -> None:
-    """A well-formed entry (right key, right checksum) with fewer rows than prompts."""
+    """A well-formed entry (right key, right checksum) holding a row no generation makes."""
     bench = _bench(tiny64, tmp_path)
     harm = bench.harmful_split.test.sample(3, 0, "category")
     first = bench.generate(harm)
     path = _only_entry(tmp_path / "acts" / "generations")
     entry = json.loads(path.read_text())
-    field = "texts" if fault == "fewer_texts" else "new_tokens"
-    entry["payload"][field] = entry["payload"][field][:-1]
+    row = next(iter(entry["payload"]["rows"].values()))
+    if fault == "too_many_ids":
+        row["ids"] = row["ids"] + [0, 0]
+    else:
+        row["text"] = 7
     write_json_entry(path, entry["key"], entry["payload"])
     again = _bench(tiny64, tmp_path)
-    with pytest.warns(UserWarning, match="for 3 prompts"):
+    with pytest.warns(UserWarning, match=message):
         got = again.generate(harm)
     assert got.texts == first.texts and len(got.new_tokens) == 3
     assert again.cache.stats.mismatched == 1
@@ -353,10 +358,9 @@ def test_generation_entry_of_another_key_is_regenerated(
 ) -> None:
     bench = _bench(tiny64, tmp_path)
     harm = bench.harmful_split.test.sample(3, 0, "category")
-    other = bench.harmless_split.test.sample(3, 0, "topic")
     first = bench.generate(harm)
     mine = _only_entry(tmp_path / "acts" / "generations")
-    bench.generate(other)
+    bench.generate(harm, max_new_tokens=3)  # another group, another file
     theirs = next(p for p in (tmp_path / "acts" / "generations").glob("*.json") if p != mine)
     shutil.copyfile(theirs, mine)
     again = _bench(tiny64, tmp_path)

@@ -15,6 +15,7 @@ from probes.generation import Generations, generate, prefix_sharing_supported
 from probes.models import LoadedModel
 from probes.monitoring import (
     TokenMonitor,
+    forced_trajectories,
     generate_monitored,
     is_code_answer,
     monitor,
@@ -129,6 +130,36 @@ def test_trajectories_equal_a_separate_capture(tiny: LoadedModel, ragged_stop: R
                 expected = (ref[layer][start : start + m] @ dirs[layer]).double().numpy()
                 np.testing.assert_allclose(traj.layer(layer), expected, atol=1e-4, rtol=1e-4,
                                            err_msg=f"{site} layer {layer} prompt {i}")
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_teacher_forced_trajectories_equal_the_monitored_ones(
+    tiny: LoadedModel, ragged_stop: RaggedStop, extra_stop: ExtraStop, site: Site
+) -> None:
+    """One forward over prompt + reply gives the projections a monitor records while the
+    replies are generated (rows ending at different lengths, some at the budget)."""
+    prompts, stop = _ragged_generation(tiny, ragged_stop)
+    layers = [0, tiny.n_layers - 1]
+    dirs = _directions(tiny, layers, seed=2)
+    with extra_stop(tiny, stop):
+        gens, monitored = generate_monitored(tiny.model, tiny.tokenizer, tiny.layout, prompts,
+                                             dirs, MAX_NEW, site=site, batch_size=3)
+    assert len(set(gens.new_tokens)) > 1 and MAX_NEW in gens.new_tokens
+    with _forward_counter(tiny) as calls:
+        forced = forced_trajectories(tiny.layout, tiny.tokenizer, prompts, gens.token_ids,
+                                     gens.new_tokens, dirs, site, batch_size=2)
+    assert 0 < calls[0] <= 2 * 3  # a batch of two rows costs one pass (and its prefix)
+    for got, want in zip(forced, monitored, strict=True):
+        assert got.prompt_index == want.prompt_index and got.layers == want.layers
+        assert got.token_ids == want.token_ids
+        np.testing.assert_allclose(got.projections, want.projections, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_forcing_refuses_token_counts_of_another_generation(tiny: LoadedModel) -> None:
+    prompts = tiny.format(TEXTS[:2])
+    with pytest.raises(ValueError, match="belong to another generation"):
+        forced_trajectories(tiny.layout, tiny.tokenizer, prompts, [[1, 2], [3]], [2, 5],
+                            _directions(tiny, [0]), "resid_pre")
 
 
 def test_step_zero_equals_capture_at_the_last_prompt_token(tiny: LoadedModel) -> None:

@@ -71,14 +71,13 @@ def test_generation_key_names_the_matmul_layout(tmp_path: Path,
     """Replies decoded with the few-row kernels (probes.kernels) and with nn.Linear's own
     are cached apart: they round differently."""
     bench = _bench(tmp_path)
-    harm = bench.harmful_split.test.sample(2, 0, "category")
     # the layout is float32-only; the key reads the dtype the Workbench noted of its model
     monkeypatch.setattr(bench, "_facts", replace(bench.facts, dtype=torch.float32))
     monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", True)
-    on, on_src, _ = bench._gen_entry(harm, "none", 8)
+    on_group = bench._gen_group("none", 8)
     on_tag = layout_tag(torch.float32, "cpu")  # e.g. "onednn+rows-first>=512Ki"
     monkeypatch.setattr(kernels, "FEW_ROW_KERNELS", False)
-    off, off_src, _ = bench._gen_entry(harm, "none", 8)
-    assert on != off
+    off_group = bench._gen_group("none", 8)
+    assert on_group.digest != off_group.digest and on_group.path != off_group.path
     assert on_tag != "linear"
-    assert f'"matmul": "{on_tag}"' in on_src and '"matmul": "linear"' in off_src
+    assert on_group.key["matmul"] == on_tag and off_group.key["matmul"] == "linear"
