@@ -205,12 +205,15 @@ def judge_cached(bench: Workbench, arms: Sequence[tuple[PromptSet, SteeringPlan]
                  ) -> list[Judged]:
     """Generate (disk-cached per arm) and judge the replies of every ``(prompts, plan)`` arm,
     before the coherence rule. Arms not cached yet are generated together, a plan per batch
-    row (:meth:`Workbench.generate_steered`)."""
+    row (:meth:`Workbench.generate_steered`). A steered reply stops once it is decided
+    degenerate and its judge's verdict is decided (:meth:`Workbench.degenerate_stop_rule`):
+    nothing judged here can change after that, and perplexity is only scored on replies
+    that are not degenerate."""
     memo = _judged_memo(bench)
     keyed = [(prompts, plan_key(bench, plan), plan) for prompts, plan in arms]
     missing = [(p, k, plan) for p, k, plan in keyed if (p.sha256, k) not in memo]
     if missing:
-        gens = bench.generate_steered(missing)
+        gens = bench.generate_steered(missing, stop_rule=bench.degenerate_stop_rule())
         fresh: dict[tuple[str, str], tuple[PromptSet, Generations, str]] = {}
         for (prompts, key, _plan), g in zip(missing, gens, strict=True):
             fresh.setdefault((prompts.sha256, key), (prompts, g, key))

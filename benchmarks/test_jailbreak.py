@@ -105,7 +105,10 @@ def _defence(bench: Workbench) -> dict[J.Config, J.ConfigResult]:
             arms += [(name, config, dose, ps, J.steering_key(plan), plan) for name, ps in named]
     bench.progress(f"[jailbreak] {bench.lm.name}: {len(arms)} arms, "
                    f"{sum(len(a[3]) for a in arms)} replies", force=True)
-    gens = bench.generate_steered([(ps, key, plan) for *_, ps, key, plan in arms])
+    # Replies are judged for refusal and degeneracy only: a steered reply may stop once both
+    # are decided (Workbench.degenerate_stop_rule).
+    gens = bench.generate_steered([(ps, key, plan) for *_, ps, key, plan in arms],
+                                  stop_rule=bench.degenerate_stop_rule())
     judged = {(name, config, dose): J.judged_arm(name, config, dose, ps, g.texts, refusal(bench),
                                                  degenerate)
               for (name, config, dose, ps, _k, _p), g in zip(arms, gens, strict=True)}

@@ -29,11 +29,12 @@ from probes.capture import (
     split_prefix_batch,
     with_cache,
 )
+from probes.early_stop import StopRule
 from probes.kernels import few_row_linears
 from probes.packing import packed_mlps
 from probes.timing import timed
 
-__all__ = ["Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
+__all__ = ["EarlyStop", "Generations", "RowState", "common_prefix_len", "generate", "plain_greedy",
            "prefix_sharing_supported", "stop_token_ids"]
 
 
@@ -56,6 +57,8 @@ class Generations:
     seconds: float
     batch_size: int
     token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    stopped_early: list[bool] = field(default_factory=list)
+    stop_rule: str | None = None  # the tag of the rule rows were stopped by, if any
 
     @property
     def total_new_tokens(self) -> int:
@@ -105,6 +108,25 @@ def _cache_for(model: Any, input_ids: torch.Tensor, p: int, b: int,
     return DynamicCache(config=model.config)
 
 
+@dataclass
+class EarlyStop:
+    """A per-row stop check for :func:`_greedy_decode`: ``decided(ids)`` on a live row's
+    new ids, every ``every`` tokens; the rows it stops (batch row numbers) go to
+    ``stopped``."""
+
+    decided: Callable[[list[int]], bool]
+    every: int
+    allowed: frozenset[int]  # the batch rows that may stop
+    stopped: set[int] = field(default_factory=set)
+
+    def check(self, row: int, ids: list[int]) -> bool:
+        """Whether ``row`` (not ended, ``ids`` so far) stops now; records it if so."""
+        if len(ids) % self.every or row not in self.allowed or not self.decided(ids):
+            return False
+        self.stopped.add(row)
+        return True
+
+
 def _greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     """The highest-scoring token of each row's last position, the first one on ties (as
     ``argmax``; ``max(...).indices`` is the same rule and ~3x faster on bfloat16 CPU logits)."""
@@ -115,6 +137,7 @@ def _greedy_decode(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, p: int, pad: int,
     stops: Sequence[int], max_new_tokens: int, drop_finished: bool,
     rows: RowState | None = None, follow: Callable[[torch.Tensor], None] | None = None,
+    early: EarlyStop | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache; the new ids per row, up to and including its stop token.
 
@@ -126,7 +149,8 @@ def _greedy_decode(
     later steps compute only the rows still writing (``follow``, if given, is told which
     rows stay); otherwise finished rows are fed ``pad`` until every row has ended, as
     ``generate`` does (hooks that follow rows by their index need that). ``rows``
-    (per-row interventions) follows the rows that stay.
+    (per-row interventions) follows the rows that stay. ``early`` ends a row whose
+    judgements are decided (:class:`EarlyStop`) exactly as a stop token would, without one.
     """
     b = input_ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -146,6 +170,9 @@ def _greedy_decode(
             if not ended[row]:
                 new[row].append(token)
                 ended[row] = token in stop_set
+                if (early is not None and not ended[row] and step < max_new_tokens - 1
+                        and early.check(row, new[row])):
+                    ended[row] = True
         if step == max_new_tokens - 1 or all(ended[row] for row in alive):
             break
         if drop_finished:
@@ -202,13 +229,15 @@ def _generate_batch(
     model: Any, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int,
     share_prefix: bool, fast: bool, drop_finished: bool, device: torch.device,
     rows: RowState | None = None, follow: Callable[[torch.Tensor], None] | None = None,
+    early: EarlyStop | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of one batch of token-id rows; returns the new ids per row.
 
     With ``share_prefix`` the prompt prefix common to all rows (the chat template's system
     turn, typically) is run once and its KV cache repeated across the batch; rows are then
     padded between the prefix and their own suffix, so every row keeps its exact positions.
-    ``fast`` decodes with :func:`_greedy_decode`; otherwise ``transformers``' ``generate``.
+    ``fast`` decodes with :func:`_greedy_decode`; otherwise ``transformers``' ``generate``,
+    where ``early`` is not applied (no row stops before its end).
     """
     b = len(ids)
     p = common_prefix_len(ids) if share_prefix and b > 1 else 0
@@ -217,7 +246,7 @@ def _generate_batch(
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     if fast:
         return _greedy_decode(model, input_ids, mask, p, pad, stops, max_new_tokens,
-                              drop_finished, rows, follow)
+                              drop_finished, rows, follow, early)
     kwargs: dict[str, Any] = {}
     if p > 0:
         kwargs.update(with_cache(model, _cache_for(model, input_ids, p, b, rows)))
@@ -244,6 +273,8 @@ def generate(
     drop_finished: bool = True,
     rows: RowState | None = None,
     follow: Callable[[torch.Tensor], None] | None = None,
+    stop_rule: StopRule | None = None,
+    may_stop: Sequence[bool] | None = None,
 ) -> Generations:
     """Greedy replies to already chat-formatted ``prompts``.
 
@@ -258,7 +289,11 @@ def generate(
     different variants then share batches, and the state is told which rows each pass holds.
     ``follow`` is called with the indices of the rows that stay whenever ended rows leave a
     batch (hooks that follow rows by index, such as :meth:`probes.monitoring.TokenMonitor.keep`,
-    may then let rows leave).
+    may then let rows leave). ``stop_rule`` (:mod:`probes.early_stop`) ends a row of the own
+    loop once its judgements are decided, checked every ``stop_rule.every`` tokens on the
+    row's decoded text; such rows are flagged in ``stopped_early``. ``may_stop`` (one flag
+    per prompt; default all) limits it to some prompts. Without a rule (the default)
+    nothing changes.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -277,8 +312,11 @@ def generate(
     texts: list[str] = [""] * len(prompts)
     n_new: list[int] = [0] * len(prompts)
     ids_out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
     t0 = time.perf_counter()
     done = 0
+    if may_stop is not None and len(may_stop) != len(prompts):
+        raise ValueError(f"may_stop has {len(may_stop)} flags for {len(prompts)} prompts")
     if rows is not None and rows.groups.shape[0] != len(prompts):
         raise ValueError(f"rows has {rows.groups.shape[0]} groups for {len(prompts)} prompts")
     for start in range(0, len(order), batch_size):
@@ -286,11 +324,13 @@ def generate(
         if rows is not None:
             rows.index = rows.groups[torch.tensor(idx, dtype=torch.long,
                                                   device=rows.groups.device)]
+        early = _early_stop(tokenizer, stop_rule, [may_stop is None or bool(may_stop[i])
+                                                   for i in idx])
         try:
             with few_row_linears(model):
                 new = _generate_batch(model, [all_ids[i] for i in idx], pad, stops,
                                       max_new_tokens, share_prefix, fast, drop_finished,
-                                      device, rows, follow)
+                                      device, rows, follow, early)
         finally:
             if rows is not None:
                 rows.index = None
@@ -301,8 +341,22 @@ def generate(
             ids_out[i] = kept
             n_new[i] = min(len(seq), cut + 1)  # the stop token was generated too
             texts[i] = tokenizer.decode(kept, skip_special_tokens=True)
+            stopped[i] = early is not None and row in early.stopped
         done += len(idx)
         if progress is not None:
             progress(done, len(order))
     return Generations(list(prompts), texts, n_new, time.perf_counter() - t0, batch_size,
-                       ids_out)
+                       ids_out, stopped, None if stop_rule is None else stop_rule.tag)
+
+
+def _early_stop(tokenizer: Any, rule: StopRule | None, allowed: Sequence[bool]
+                ) -> EarlyStop | None:
+    """The loop's per-row check for ``rule`` on one batch (``allowed``: per batch row): the
+    row's new ids decoded as the reply will be (special tokens skipped), then the rule."""
+    if rule is None or not any(allowed):
+        return None
+
+    def decided(ids: list[int]) -> bool:
+        return rule(tokenizer.decode(ids, skip_special_tokens=True))
+
+    return EarlyStop(decided, rule.every, frozenset(i for i, ok in enumerate(allowed) if ok))
