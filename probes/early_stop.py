@@ -118,9 +118,18 @@ def degenerate_decided(text: str) -> bool:
     if not text.strip():
         return False
     return (judges._filler_run(text) is not None
-            or judges._ngram_loop(text) is not None
+            or (_has_repeated_ngram(text) and judges._ngram_loop(text) is not None)
             or judges._low_unique(text) is not None
             or judges._repeated_sentence(_closed_sentences(text)) is not None)
+
+
+def _has_repeated_ngram(text: str) -> bool:
+    """Whether some :data:`~probes.judges.DEGENERACY_NGRAM`-character string occurs twice
+    in ``text``: a loop needs one, and most replies have none, so the costly loop search
+    is skipped for them."""
+    n = judges.DEGENERACY_NGRAM
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
+    return len(set(grams)) < len(grams)
 
 
 def _complete_words(text: str) -> str:
@@ -183,20 +192,11 @@ def degenerate_stop_rule(judge: ReplyJudge, every: int = DEFAULT_EVERY) -> StopR
     if found is None:
         return None
     name, decided = found
+    if name == "four_class":  # a decided degeneracy decides its class: check it once
+        return StopRule("degenerate+four_class", degenerate_decided, every)
 
     def both(text: str) -> bool:
         return degenerate_decided(text) and decided(text)
 
     return StopRule(f"degenerate+{name}", both, every)
-
-
-def truncate_where_decided(token_texts: Callable[[int], str], n_tokens: int, rule: StopRule
-                           ) -> int:
-    """How many of ``n_tokens`` tokens a row keeps under ``rule``: the first multiple of
-    ``rule.every`` at which ``rule`` holds on ``token_texts(k)`` (the text of the first k
-    tokens), else all of them. The same schedule as the generation loop's."""
-    for k in range(rule.every, n_tokens, rule.every):
-        if rule(token_texts(k)):
-            return k
-    return n_tokens
 
