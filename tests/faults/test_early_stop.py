@@ -90,20 +90,21 @@ def test_full_replies_are_never_read_back_as_early_stopped(tmp_path: Path) -> No
     assert not calls and reread.stopped_early == early.stopped_early  # flags kept on disk
 
 
-def test_entry_with_wrong_number_of_flags_is_recomputed(tmp_path: Path) -> None:
+def test_entry_with_a_bad_early_stop_flag_is_recomputed(tmp_path: Path) -> None:
     bench = _bench(tmp_path)
     harm = bench.harmful_split.test.sample(3, 0, "category")
     bench.generate(harm, "k", stop_rule=ALWAYS)
-    _key, key_src, path = bench._gen_entry(harm, "k", 8, ALWAYS)
-    payload = json.loads(path.read_text())["payload"]
-    assert len(payload["stopped_early"]) == 3
-    payload["stopped_early"] = [True]  # one flag for three prompts
-    write_json_entry(path, json.loads(key_src), payload)
+    group = bench._gen_group("k", 8, ALWAYS)
+    payload = json.loads(group.path.read_text())["payload"]
+    rows = payload["rows"]
+    assert len(rows) == 3 and all(r.get("stopped_early") is True for r in rows.values())
+    next(iter(rows.values()))["stopped_early"] = "yes"  # not a boolean
+    write_json_entry(group.path, group.key, payload)
     again = _bench(tmp_path)
     calls = _forward_calls(again)
-    with pytest.warns(UserWarning, match="early-stop flags for 3 prompts"):
+    with pytest.warns(UserWarning, match="early-stop flag that is not a boolean"):
         got = again.generate(harm, "k", stop_rule=ALWAYS)
-    assert calls and len(got.stopped_early) == 3
+    assert calls and len(got.stopped_early) == 3 and all(got.stopped_early)
 
 
 def test_unsteered_arms_and_judges_without_a_hook_never_stop(tmp_path: Path) -> None:
