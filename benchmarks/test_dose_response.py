@@ -15,6 +15,13 @@ Design (docs/science.md, "Dose-response and the therapeutic index TI-S"):
     ||alpha v|| / ||h||, defined there for a vector added at one layer; spreading the same
     ratio over eight blocks would add eight such vectors and compare nothing with that log.
 
+  ``--dose-design grid`` generates every dose of the grid; ``adaptive`` (the full profile's
+  default) generates a coarse grid over the same range, then adds doses where the fitted
+  doses at 50 % have the widest intervals, within 70 % of the grid's generations, and falls
+  back to the grid when nothing is located on the coarse grid (``probes.dose_design``;
+  the rule never reads a claim's verdict). The report's rates table and plot say which
+  doses were coarse and which were added.
+
 * Each reply is judged by the ``--judge`` (refusal / compliance; off-topic and degenerate
   replies are neither), the degeneracy judge, and
   coherence = not degenerate and perplexity (under the UNSTEERED model) at most the model's
@@ -67,6 +74,7 @@ import pytest
 
 from fixtures.workbench import Workbench
 from probes import judges
+from probes.dose_design import DesignRecord, Target, check_design, grid_record, run_design
 from probes.dose_response import (
     COHERENCE_QUANTILE,
     CONF,
@@ -82,6 +90,7 @@ from probes.dose_response import (
     analyse_side,
     calibrate_coherence,
     centre_block,
+    design_targets,
     doses_below_degeneracy,
     intended,
     is_coherent,
@@ -258,46 +267,79 @@ def sweep_alphas(bench: Workbench, units: Units) -> npt.NDArray[np.float64]:
 
 @cache
 def run_sweep(bench: Workbench, units: Units) -> Sweep:
-    """Generate and judge the grid (the baseline alpha = 0 once, under key "none")."""
+    """Generate and judge the sweep's doses (the baseline alpha = 0 once, under key "none"):
+    every grid dose, or those the adaptive design chooses (``--dose-design``,
+    :mod:`probes.dose_design`). The over-refusal arm joins every call at alpha >= 0."""
     harm, safe = bench.gen_pair()
     layers = sweep_layers(bench, units)
-    alphas = sweep_alphas(bench, units)
+    grid = sweep_alphas(bench, units)
+    design = check_design(bench.cfg.dose_design)
     t0 = time.perf_counter()
-    bench.progress(f"[dose] {bench.lm.name} {units} sweep: {len(alphas)} alphas x "
-                   f"{len(harm)} harmful + {len(safe)} harmless prompts", force=True)
-    plans = [make_plan(bench, units, layers, float(alpha)) for alpha in alphas]
-    arms = [(ps, plan) for plan in plans for ps in (harm, safe)]
-    # The over-refusal arm joins the same call, so its replies share the sweep's batches.
-    judged = run_arms(bench, arms + alarming_arms(bench, units))[:len(arms)]
-    return Sweep(units, tuple(layers), alphas, tuple(judged[0::2]), tuple(judged[1::2]),
-                 harm, safe, time.perf_counter() - t0)
+    bench.progress(f"[dose] {bench.lm.name} {units} sweep ({design} design): grid of "
+                   f"{len(grid)} alphas x {len(harm)} harmful + {len(safe)} harmless prompts",
+                   force=True)
+    judged: dict[float, tuple[Judged, Judged]] = {}
+
+    def observe(doses: list[float]) -> None:
+        todo = [float(a) for a in doses if float(a) not in judged]
+        plans = [make_plan(bench, units, layers, alpha) for alpha in todo]
+        arms = [(ps, plan) for plan in plans for ps in (harm, safe)]
+        # The over-refusal arm joins the same call, so its replies share the sweep's batches.
+        out = run_arms(bench, arms + alarming_arms(bench, units, todo))[:len(arms)]
+        judged.update({a: (out[2 * i], out[2 * i + 1]) for i, a in enumerate(todo)})
+
+    def sweep_of(doses: Sequence[float], record: DesignRecord | None = None) -> Sweep:
+        alphas = np.array(sorted(doses))
+        return Sweep(units, tuple(layers), alphas, tuple(judged[float(a)][0] for a in alphas),
+                     tuple(judged[float(a)][1] for a in alphas), harm, safe,
+                     time.perf_counter() - t0, record)
+
+    def targets_of(doses: tuple[float, ...]) -> list[Target]:
+        sw = sweep_of(doses)
+        return design_targets({s: analyse_side(sw, s, n_boot=bench.cfg.n_boot,
+                                               seed=bench.cfg.seed) for s in SIDES})
+
+    def cost(alpha: float) -> int:
+        return len(harm) + len(safe) + sum(len(ps) for ps, _ in alarming_arms(
+            bench, units, [alpha]))
+
+    if design == "grid":
+        observe([float(a) for a in grid])
+        record = grid_record([float(a) for a in grid], cost)
+    else:
+        record = run_design([float(a) for a in grid], cost, observe, targets_of)
+        bench.progress(f"[dose] {units}: {record.text()}", force=True)
+    return sweep_of(record.doses, record)
 
 
-def alarming_arms(bench: Workbench, units: Units) -> list[tuple[PromptSet, SteeringPlan]]:
+def alarming_arms(bench: Workbench, units: Units, alphas: Sequence[float] | None = None
+                  ) -> list[tuple[PromptSet, SteeringPlan]]:
     """The over-refusal arm of the raw sweep: ``bench.overrefusal_gen`` (benign requests
-    that sound alarming) at every alpha >= 0 of the grid, in ascending order; none for the
-    ratio sweep (over-refusal is a positive-side effect; the raw sweep gives TI-S)."""
+    that sound alarming) at every alpha >= 0 of ``alphas`` (default: the grid), in ascending
+    order; none for the ratio sweep (over-refusal is a positive-side effect; the raw sweep
+    gives TI-S)."""
     alarming = bench.overrefusal_gen
     if units != "raw" or isinstance(alarming, str):
         return []
     layers = sweep_layers(bench, units)
+    doses = sweep_alphas(bench, units) if alphas is None else alphas
     return [(alarming, make_plan(bench, units, layers, float(alpha)))
-            for alpha in sweep_alphas(bench, units) if alpha >= 0.0]
+            for alpha in sorted(doses) if alpha >= 0.0]
 
 
 @cache
 def alarming_sweep(bench: Workbench) -> Sweep | str:
     """The raw sweep's positive side with the benign-but-alarming prompts in place of the
-    plain harmless ones (their replies were generated with the sweep's), or why there is
-    none."""
+    plain harmless ones (their replies were generated with the sweep's, at the sweep's
+    doses), or why there is none."""
     sw = run_sweep(bench, "raw")
     alarming = bench.overrefusal_gen
     if isinstance(alarming, str):
         return alarming
     pos = np.flatnonzero(sw.alphas >= 0.0)
-    judged = run_arms(bench, alarming_arms(bench, "raw"))
+    judged = run_arms(bench, alarming_arms(bench, "raw", [float(a) for a in sw.alphas[pos]]))
     return Sweep("raw", sw.layers, sw.alphas[pos], tuple(sw.harmful[i] for i in pos),
-                 tuple(judged), sw.harmful_set, alarming, sw.wall_s)
+                 tuple(judged), sw.harmful_set, alarming, sw.wall_s, sw.design)
 
 
 # --------------------------------------------------------------------------- doses
@@ -370,6 +412,10 @@ def test_dose_response(bench: Workbench, units: Units, measure: Any) -> None:
     measure.metric("first steered block", sw.layers[0])
     measure.metric("last steered block", sw.layers[-1])
     measure.metric("alphas", len(sw.alphas))
+    if sw.design is not None:
+        measure.metric("replies generated (dose design)", sw.design.spent)
+        measure.metric("replies the full grid costs", sw.design.full_cost)
+        bench.progress(f"[dose] {units}: {sw.design.text()}", force=True)
     measure.metric("max_new_tokens", bench.cfg.max_new_tokens)
     rule = coherence_rule(bench)
     measure.metric("perplexity threshold (this model)", rule.threshold)
