@@ -1,5 +1,5 @@
-"""An adaptive dose design for a steering sweep: a coarse grid, then bisection where the
-fitted doses are least certain, within a fixed budget of generations.
+"""An adaptive dose design for a steering sweep: a coarse grid, then doses next to the
+fitted doses whose intervals are widest, within a fixed budget of generations.
 
 The rule is fixed before any reply is seen and never looks at a claim's verdict:
 
@@ -12,10 +12,11 @@ The rule is fixed before any reply is seen and never looks at a claim's verdict:
    one more dose, the design is the grid.
 3. **Rounds.** After each round every fitted quantity (the doses at 50 % of each side, with
    their intervals) is read; on each side the quantity with the widest interval (an
-   interval open on one end counts as infinitely wide) whose gap can still be split gets
-   one new dose: the midpoint of the two tried doses that bracket its point estimate. A gap
-   is split only while it is wider than half the grid's finest spacing. Quantities that
-   are not located (not reached, or already past 50 % at alpha = 0) get no dose. The new
+   interval open on one end counts as infinitely wide) gets one new dose: the untried
+   dose nearest to its point estimate on the lattice of multiples of half the grid's finest
+   spacing, strictly inside the side's tried range (the next widest quantity when no
+   lattice dose is left). Quantities that are not located (not reached, or already past
+   50 % at alpha = 0) get no dose. The new
    doses of both sides are generated together in one batched call. Rounds stop when no
    dose fits the budget, none is asked for, or after MAX_ROUNDS.
 4. **Fallback.** When no quantity is located on the coarse grid (nothing to refine: the
@@ -46,7 +47,6 @@ COARSE_POINTS = 2
 """Coarse doses per side (beyond 0): at E/2 and E, so that most of the budget is left for
 the doses placed where the fits are least certain."""
 MAX_ROUNDS = 4
-PER_SIDE = 1
 """Rounds of added doses at most (each is one batched generation call)."""
 GRID_ROUND = -1
 """The round recorded for every dose of a grid design (no coarse/adaptive split)."""
@@ -149,13 +149,13 @@ def nearest(doses: Sequence[float], aim: float) -> float:
 
 
 def min_gap(grid: Sequence[float]) -> float:
-    """Gaps at most this wide are not split: half the grid's finest spacing."""
+    """The spacing of the lattice added doses lie on: half the grid's finest spacing."""
     values = sorted({0.0, *(float(a) for a in grid)})
     spacing = min((b - a for a, b in itertools.pairwise(values)), default=0.0)
     return spacing / 2.0
 
 
-def bisect_dose(target: Target, tried: Sequence[float], smallest: float) -> float | None:
+def lattice_dose(target: Target, tried: Sequence[float], smallest: float) -> float | None:
     """The dose nearest to the target's estimate on the lattice of multiples of
     ``smallest`` (on its side, strictly between 0 and the side's farthest tried dose) that
     is not tried yet, or None when there is none."""
@@ -176,21 +176,20 @@ def bisect_dose(target: Target, tried: Sequence[float], smallest: float) -> floa
 
 def next_doses(targets: Sequence[Target], tried: Sequence[float], smallest: float,
                cost: Callable[[float], int], left: int) -> list[float]:
-    """One round: per side, the widest located target's bisection dose (the next widest
-    when a target's gap cannot be split), while the budget ``left`` allows."""
+    """One round: per side, the widest located target's lattice dose (the next widest when
+    it has none left), while the budget ``left`` allows."""
     chosen: list[float] = []
     for side in ("negative", "positive"):
         ranked = sorted((t for t in targets if t.side == side and t.located),
                         key=lambda t: (-t.width, t.name))
         for t in ranked:
-            dose = bisect_dose(t, [*tried, *chosen], smallest)
+            dose = lattice_dose(t, [*tried, *chosen], smallest)
             if dose is None or dose in chosen:
                 continue
             if cost(dose) <= left:
                 chosen.append(dose)
                 left -= cost(dose)
-            if PER_SIDE == 1:
-                break
+            break
     return sorted(chosen)
 
 
