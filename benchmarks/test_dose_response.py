@@ -115,6 +115,8 @@ from probes.stats import newcombe_difference, paired_rate_difference, rate, wils
 from prompts import PromptSet
 
 RATIO_BREAKDOWN_UPPER = 1.5  # upper end of TIS-RATIO-BREAKDOWN's range (the registry)
+COHERENT_WINDOW = 0.5  # TIS-COHERENT-WITHIN-HALF: coherent at every |alpha| <= 0.5
+DEGENERATE_WINDOW = 1.0  # TIS-DEGENERATE-BEYOND-1: degenerate at every |alpha| >= 1
 
 
 # --------------------------------------------------------------------------- interventions
@@ -307,9 +309,25 @@ def run_sweep(bench: Workbench, units: Units) -> Sweep:
         observe([float(a) for a in grid])
         record = grid_record([float(a) for a in grid], cost)
     else:
-        record = run_design([float(a) for a in grid], cost, observe, targets_of)
+        record = run_design([float(a) for a in grid], cost, observe, targets_of,
+                            required=fixed_doses(grid) if units == "raw" else ())
         bench.progress(f"[dose] {units}: {record.text()}", force=True)
     return sweep_of(record.doses, record)
+
+
+def fixed_doses(grid: npt.NDArray[np.float64]) -> list[float]:
+    """The raw grid's doses at the ends of the windows that TIS-COHERENT-WITHIN-HALF and
+    TIS-DEGENERATE-BEYOND-1 read rate by rate (the largest |alpha| <= 0.5 and the smallest
+    |alpha| >= 1 on each side): an adaptive design keeps them in its coarse grid, so those
+    claims are still judged at their binding doses."""
+    out = []
+    for sign in (-1.0, 1.0):
+        side = [float(a) for a in grid if a * sign > 0.0]
+        inner = [a for a in side if abs(a) <= COHERENT_WINDOW]
+        outer = [a for a in side if abs(a) >= DEGENERATE_WINDOW]
+        out += [max(inner, key=abs)] if inner else []
+        out += [min(outer, key=abs)] if outer else []
+    return out
 
 
 def alarming_arms(bench: Workbench, units: Units, alphas: Sequence[float] | None = None
@@ -515,7 +533,7 @@ def test_degenerate_at_unit_alpha(bench: Workbench, measure: Any) -> None:
     """The OBLITERATUS report: 'at alpha = +/-1.0 and beyond, the model degenerates completely'."""
     sw = run_sweep(bench, "raw")
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
-    chosen = window_alphas(sw, lambda x: x >= 1.0)
+    chosen = window_alphas(sw, lambda x: x >= DEGENERATE_WINDOW)
     if not chosen:
         measure.skip("TIS-DEGENERATE-BEYOND-1", "the raw grid has no |alpha| >= 1")
     k, n = sw.counts(is_degenerate, "both")
@@ -537,7 +555,7 @@ def test_coherent_within_half_alpha(bench: Workbench, measure: Any) -> None:
     bench.record_model(measure, sw.harmful_set, sw.harmless_set)
     needs_coherence_rule(bench, measure, "TIS-COHERENT-WITHIN-HALF")
     k, n = sw.counts(is_coherent, "both")
-    for i in window_alphas(sw, lambda x: x <= 0.5):
+    for i in window_alphas(sw, lambda x: x <= COHERENT_WINDOW):
         lo, hi = wilson_interval(int(k[i]), int(n[i]), CONF)
         label = f"alpha={sw.alphas[i]:+g}"
         measure.metric(f"coherent_rate {label}", k[i] / n[i], ci=(lo, hi), n=int(n[i]))

@@ -5,7 +5,8 @@ The rule is fixed before any reply is seen and never looks at a claim's verdict:
 
 1. **Coarse grid.** alpha = 0 and, on each side of it, the configured grid's extreme dose E
    and the grid doses nearest to E * j / COARSE_POINTS (j = 1 .. COARSE_POINTS - 1): the
-   same range as the grid, with a fraction of its doses.
+   same range as the grid, with a fraction of its doses; plus any doses the caller
+   requires (the benchmark's claims that read rates at fixed doses).
 2. **Budget.** At most BUDGET_FRACTION of the generations the whole grid would cost (each
    dose's cost is the number of replies generated at it, so the arms generated on one side
    only count where they are generated). When the coarse grid alone does not leave room for
@@ -206,15 +207,17 @@ def grid_record(grid: Sequence[float], cost: Callable[[float], int],
 def run_design(grid: Sequence[float], cost: Callable[[float], int],
                observe: Callable[[list[float]], None],
                targets_of: Callable[[tuple[float, ...]], Sequence[Target]],
-               fraction: float = BUDGET_FRACTION, max_rounds: int = MAX_ROUNDS
-               ) -> DesignRecord:
+               fraction: float = BUDGET_FRACTION, max_rounds: int = MAX_ROUNDS,
+               required: Sequence[float] = ()) -> DesignRecord:
     """Run the adaptive design on ``grid``: ``observe(doses)`` generates and judges the
     doses (one batched call per round), ``targets_of(tried)`` fits the quantities on the
-    doses tried so far. Falls back to the grid as the module docstring says."""
+    doses tried so far. ``required`` grid doses join the coarse grid (doses that claims
+    read at fixed positions). Falls back to the grid as the module docstring says."""
     full = tuple(sorted({0.0, *(float(a) for a in grid)}))
     full_cost = sum(cost(d) for d in full)
     budget = math.floor(fraction * full_cost)
-    coarse = coarse_doses(full)
+    coarse = tuple(sorted({*coarse_doses(full), *(float(a) for a in required
+                                                   if float(a) in full)}))
     spent = sum(cost(d) for d in coarse)
     smallest = min_gap(full)
     if spent + min((cost(d) for d in full if d not in coarse), default=full_cost) > budget:
