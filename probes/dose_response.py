@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.stats
 
+from probes.dose_design import GRID_ROUND, DesignRecord, Target
 from probes.judge_error import (
     JudgeErrorRates,
     corrected_name,
@@ -172,6 +173,18 @@ class Sweep:
     harmful_set: PromptSet
     harmless_set: PromptSet
     wall_s: float
+    design: DesignRecord | None = None  # how the doses were chosen (None: a plain grid)
+
+    def round_of(self, i: int) -> int:
+        """The design round that added dose ``i`` (0 coarse, k >= 1 adaptive, GRID_ROUND
+        for a grid design)."""
+        if self.design is None:
+            return GRID_ROUND
+        return self.design.round_of(float(self.alphas[i]))
+
+    def adaptive_doses(self) -> list[float]:
+        """The doses an adaptive design added after its coarse grid (empty for a grid)."""
+        return [float(a) for i, a in enumerate(self.alphas) if self.round_of(i) > 0]
 
     def counts(self, outcome: Callable[[Judged], npt.NDArray[np.bool_]],
                which: Literal["harmful", "harmless", "both"]) -> tuple[np.ndarray, np.ndarray]:
@@ -437,6 +450,17 @@ def analyse_side(sw: Sweep, side: Side, n_boot: int | None = None, seed: int = 0
     return SideResult(side, effect, td, incoh, counts, note, window, grid, relative)
 
 
+def design_targets(sides: dict[Side, SideResult]) -> list[Target]:
+    """The quantities an adaptive dose design refines, per side: the intended-effect dose,
+    TD50_degeneracy and the coherence breakdown, located when their status is "ok"."""
+    out = []
+    for side, s in sides.items():
+        for d in (s.effect, s.degeneracy, s.incoherence):
+            located = d.ok and d.value is not None
+            out.append(Target(d.name, side, d.value if located else None, d.lo, d.hi))
+    return out
+
+
 def judged_level(sensitivity: float, specificity: float, level: float = 0.5) -> float:
     """The judged refusal rate at which the true refusal rate is ``level``:
     sens x level + (1 - spec) x (1 - level)."""
@@ -607,7 +631,8 @@ def record_analysis(model_name: str, measure: Any, an: Analysis,
             row += [round(v, 4) for v in rate_row(int(k[i]), int(n[i]))]
         hd = int(sw.harmful[i].degenerate.sum()) + int(sw.harmless[i].degenerate.sum())
         row += [hd, sw.harmful[i].new_tokens + sw.harmless[i].new_tokens,
-                round(sw.harmful[i].gen_seconds + sw.harmless[i].gen_seconds, 1)]
+                round(sw.harmful[i].gen_seconds + sw.harmless[i].gen_seconds, 1),
+                sw.round_of(i)]
         if err is not None:
             for name in REFUSAL_RATES:
                 k, n = rates[name]
@@ -618,8 +643,11 @@ def record_analysis(model_name: str, measure: Any, an: Analysis,
     corrected_cols = ([] if err is None else
                       [corrected_name(name) + end for name in REFUSAL_RATES
                        for end in ("", " lo", " hi")])
-    measure.table(f"rates_{sw.units}", ["alpha", *columns, "degenerate (count)",
-                                         "new tokens", "generation s", *corrected_cols], rows)
+    measure.table(f"rates_{sw.units}", ["alpha", *columns, "degenerate (count)", "new tokens",
+                                         "generation s", "design round", *corrected_cols], rows)
+    if sw.design is not None:
+        measure.table(f"dose design_{sw.units}", ["design", "round", "doses", "why"],
+                      design_rows(sw.design))
     z = sw.zero
     for name, (k, n) in rates.items():
         p, lo, hi = rate_row(int(k[z]), int(n[z]))
@@ -672,10 +700,14 @@ def record_analysis(model_name: str, measure: Any, an: Analysis,
                 if (i in on and float(a[i]) in fitted_on) else None for i in range(len(a))]
     shade = [(s.window[0], s.window[1], f"window ({side})")
              for side, s in an.sides.items() if s.window is not None]
+    added = sw.adaptive_doses()
+    marks = [] if not added else [("harmful refusal", added, "added by the adaptive design "
+                                   "(other doses: its coarse grid)")]
+    design = "" if sw.design is None else f", {sw.design.design} dose design"
     measure.plot(f"dose_response_{sw.units}", "line", x=[float(x) for x in a], series=series,
-                 bands=bands, shade=shade, hlines=[(0.5, "50 %")],
+                 bands=bands, shade=shade, hlines=[(0.5, "50 %")], marks=marks,
                  xlabel=f"alpha ({sw.units}; blocks {span_text(sw.layers)})", ylabel="rate",
-                 title=f"{model_name}: steering dose-response ({sw.units})")
+                 title=f"{model_name}: steering dose-response ({sw.units}{design})")
     # Sample outputs per alpha.
     samples = []
     for i, alpha in enumerate(a):
@@ -689,6 +721,17 @@ def record_analysis(model_name: str, measure: Any, an: Analysis,
                     "perplexity": f"{arm.perplexity[j]:.3g}",
                     "coherent": str(bool(arm.coherent[j]))})
     measure.texts(f"samples_{sw.units}", samples)
+
+
+def design_rows(record: DesignRecord) -> list[list[Any]]:
+    """Rows of the dose-design table: the design's summary, then the doses of each round
+    (round 0 the coarse grid) with the reason it added them."""
+    rows: list[list[Any]] = [[record.design, None, len(record.doses), record.text()]]
+    for r in sorted(set(record.rounds)):
+        what = ("coarse grid" if r == 0 else "grid" if r == GRID_ROUND
+                else record.steps[r - 1] if r <= len(record.steps) else f"round {r}")
+        rows.append([record.design, r, record.doses_text(r), what])
+    return rows
 
 
 def span_text(layers: Sequence[int]) -> str:
