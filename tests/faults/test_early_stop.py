@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache, write_json_entry
 from probes.early_stop import StopRule
 from probes.interventions import plan_raw
 from probes.models import load
 from probes.reply_judges import resolve_judge
+from tests.helpers import tiny_config
 
 ROOT_CONFTEST = 'pytest_plugins = ["fixtures.plugin", "reports.plugin"]\n'
 REPO = Path(__file__).resolve().parents[2]
@@ -30,12 +30,7 @@ def _this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _bench(cache_dir: Path, **changes: object) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=8,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=True, profile="quick", chat_template="auto", batch_size=5,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, dtype="float64", max_new_tokens=8, batch_size=5)
     lm = load("tiny-llama", dtype=torch.float64)
     return Workbench(lm, replace(cfg, **changes), ActivationCache(cache_dir / "acts"),
                      Progress(lambda _m: None))

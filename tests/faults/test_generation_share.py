@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import fixtures.workbench as workbench
-from fixtures.options import PROFILES, parse_alphas, parse_layers
-from fixtures.workbench import BenchConfig, Progress, Workbench
+from fixtures.workbench import Progress, Workbench
 from probes.cache import ActivationCache
 from probes.interventions import plan_raw
 from probes.models import LoadedModel, load
 from probes.monitoring import forced_trajectories
 from prompts import PromptSet
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,7 @@ def tiny64() -> LoadedModel:
 
 
 def _bench(lm: LoadedModel, cache_dir: Path, use_cache: bool = True) -> Workbench:
-    cfg = BenchConfig(
-        models=("tiny-llama",), layers=parse_layers("all"), alphas=parse_alphas("0"),
-        ratio_alphas=parse_alphas("0"), n_train=8, n_eval=8, n_gen=4, max_new_tokens=6,
-        n_boot=10, seed=0, device="cpu", dtype="float64", cache_dir=str(cache_dir),
-        use_cache=use_cache, profile="quick", chat_template="auto", batch_size=4,
-        defaults=PROFILES["quick"])
+    cfg = tiny_config(cache_dir=cache_dir, dtype="float64", max_new_tokens=6, use_cache=use_cache)
     return Workbench(lm, cfg, ActivationCache(cache_dir / "acts"), Progress(lambda _m: None))
 
 
